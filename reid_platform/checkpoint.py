@@ -1,0 +1,97 @@
+"""Checkpoints: one directory holding `model.pt`, loadable by every job with `--checkpoint`.
+
+`model.pt` holds the model weights, the resolved config (so the model can be rebuilt with no
+other input), the number of classes, the epoch, metrics and, for resuming, the optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reid_platform.config import Config
+from reid_platform.models import ReidModel, build_model
+
+CHECKPOINT_FILE = "model.pt"
+FORMAT = "reid-platform-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or file is not usable; the message names it."""
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    config: Config,
+    epoch: int,
+    metrics: dict[str, float] | None = None,
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `directory/model.pt` atomically (temp file + rename); returns the directory.
+
+    Args:
+        model: a ReidModel (unwrapped from DDP).
+        config: the resolved config the model was built from.
+        epoch: epochs completed.
+        metrics: latest evaluation metrics, stored for reference.
+        training_state: optimizer/scheduler/center-loss states needed to resume.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "num_classes": model.num_classes,
+        "model_state": model.state_dict(),
+        "epoch": epoch,
+        "metrics": metrics or {},
+        "training_state": training_state or {},
+    }
+    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    return directory
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The `model.pt` of a checkpoint given as its directory or the file itself."""
+    path = Path(path).expanduser()
+    candidate = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not candidate.is_file():
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a directory with {CHECKPOINT_FILE} or the file)"
+        )
+    return candidate
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load the raw checkpoint dict (on CPU)."""
+    file = checkpoint_file(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{file}: cannot read checkpoint ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a reid-platform checkpoint (format {FORMAT})")
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ReidModel, Config]:
+    """Rebuild the model of a checkpoint in eval mode, with its config.
+
+    Returns:
+        (model on `device`, eval mode; the config it was trained with).
+    """
+    payload = read_checkpoint(path)
+    config = Config.from_dict(payload["config"])
+    # Weights come from the checkpoint: do not look for the ImageNet file again.
+    model_cfg = config.replace(**{"model.pretrained": ""}).model
+    model = build_model(model_cfg, payload["num_classes"])
+    model.load_state_dict(payload["model_state"])
+    return model.to(device).eval(), config

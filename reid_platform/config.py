@@ -1,0 +1,350 @@
+"""One configuration object for every job: frozen dataclasses, YAML files, `--set` overrides.
+
+The config is built once at the edge (a job's CLI), sent to Ray workers as a plain dict
+(`to_dict`) and rebuilt there (`Config.from_dict`). Unknown keys and values of the wrong type
+are errors that name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the synthetic dataset generated on first use (`data.format: synthetic`)."""
+
+    num_train_ids: int = 60
+    num_test_ids: int = 40
+    num_cameras: int = 4
+    height: int = 128
+    width: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation; a probability of 0 turns a transform off."""
+
+    flip_p: float = 0.5
+    pad: int = 10
+    color_jitter_p: float = 0.0
+    brightness_contrast_p: float = 0.0
+    erasing_p: float = 0.5
+    random_patch_p: float = 0.0
+    random_shift_p: float = 0.0
+    channel_exchange_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how batches are drawn."""
+
+    root: str = ""  # empty = the synthetic dataset under the workspace
+    format: Literal["synthetic", "market1501", "folder", "csv"] = "synthetic"
+    height: int = 256
+    width: int = 128
+    num_ids_per_batch: int = 16  # P
+    num_instances: int = 4  # K
+    drop_single_image_ids: bool = True
+    oversample_min: int = 0  # ids with oversample_min..oversample_max images are oversampled
+    oversample_max: int = 0
+    oversample_p: float = 0.0
+    test_fraction: float = 0.5  # folder/csv without explicit splits: share of ids held out
+    loader_workers: int = 2
+    eval_batch_size: int = 128
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, pooling, BNNeck and classifier head."""
+
+    backbone: str = "resnet50"  # any timm model name
+    pretrained: str = ""  # path to a local weights file (timm/torchvision state dict)
+    last_stride: int = 1  # ResNets only: 1 keeps 16x8 maps at 256x128
+    pooling: Literal["avg", "gem"] = "avg"
+    gem_p: float = 3.0
+    gem_learnable: bool = False
+    head: Literal["linear", "cosface", "arcface"] = "linear"
+    head_scale: float = 30.0
+    head_margin: float = 0.35
+    embedding_dim: int = 0  # 0 = backbone width; else a linear reduction before the BNNeck
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and their weights (total = id * ID + triplet * tri + center * center)."""
+
+    id_weight: float = 1.0
+    triplet_weight: float = 1.0
+    center_weight: float = 0.0
+    margin: float = 0.3
+    soft_margin: bool = False
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    label_smoothing: float = 0.1
+    center_lr: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, SWA, evaluation cadence and Ray Train scaling."""
+
+    epochs: int = 120
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "multistep"] = "cosine"
+    warmup_epochs: int = 10
+    warmup_factor: float = 0.01
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0  # cosine floor as a fraction of lr
+    swa_epochs: int = 0  # average the weights of the last N epochs (0 = off)
+    swa_lr_factor: float = 0.5  # constant lr (fraction of lr) during the SWA epochs
+    freeze_backbone_iters: int = 0
+    grad_clip: float = 0.0  # max gradient norm, 0 = off
+    amp: Literal["auto", "on", "off"] = "auto"  # auto = on when training on GPU
+    eval_every: int = 10
+    batches_per_epoch: int = 0  # 0 = as many PK batches as the data gives
+    num_workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    seed: int = 0
+    resume_from: str = ""  # a checkpoint to continue from (its epoch and optimizer)
+    log_every: int = 0  # print a progress line every N iterations (0 = once per epoch)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: the experiment defaults to the config's name."""
+
+    experiment: str = ""
+    run_name: str = ""
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else SQLite under the workspace
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep of the loss knobs; see `reid_platform.tuning`."""
+
+    num_samples: int = 8
+    max_concurrent: int = 0  # 0 = derived from the cluster's resources
+    search: Literal["auto", "optuna", "random"] = "auto"
+    metric: str = "score"
+    grace_period: int = 1  # ASHA: evaluations before a trial may be stopped
+    reduction_factor: int = 2
+    margin_min: float = 0.1
+    margin_max: float = 1.0
+    soft_margin_choice: bool = True
+    id_weight_min: float = 0.05
+    id_weight_max: float = 1.0
+    triplet_weight_min: float = 0.05
+    triplet_weight_max: float = 1.0
+    lr_min: float = 1e-4
+    lr_max: float = 1e-3
+    search_lr: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a job needs; `name` names the MLflow experiment and the output folders."""
+
+    name: str = "demo"
+    workspace: str = ""  # empty: $REID_PLATFORM_HOME, else ~/reid-platform
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # ---- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML- and JSON-serialisable dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Rebuild from a (possibly partial) nested dict; unknown keys are errors."""
+        return _build(cls, data, prefix="")
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted-key overrides, e.g. `cfg.replace(**{"loss.margin": 0.5})`."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return Config.from_dict(data)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(node: dict[str, Any], prefix: str) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out[f"{prefix}{key}"] = value
+
+        walk(self.to_dict(), "")
+        return out
+
+    @property
+    def workspace_dir(self) -> Path:
+        return resolve_workspace(self.workspace)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def resolve_workspace(workspace: str = "") -> Path:
+    """The absolute workspace directory: config value, else $REID_PLATFORM_HOME, else ~.
+
+    Absolute because `ray job submit` runs the job in a temporary copy of the working dir.
+    """
+    raw = workspace or os.environ.get("REID_PLATFORM_HOME") or "~/reid-platform"
+    path = Path(raw).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply `key=value` overrides.
+
+    Args:
+        path: YAML file with a nested mapping of config sections; None = built-in defaults.
+        overrides: strings like `train.epochs=2` or `loss.margin=0.5`; values parse as YAML.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a key/value is not allowed.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
+        data = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return Config.from_dict(data)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again by `load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+# ---- internals ---------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        allowed = ", ".join(f"{prefix}{name}" for name in fields)
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; allowed here: {allowed}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        # YAML reads `true` as a bool; accept it for "true"/"false" literals.
+        if isinstance(value, bool) and str(value).lower() in allowed:
+            value = str(value).lower()
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list of {item_type.__name__}")
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported union type")  # not used by our dataclasses
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported type {hint}")

@@ -1,0 +1,1 @@
+"""Data formats, synthetic data, transforms, PK sampling and image decoding."""

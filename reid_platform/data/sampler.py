@@ -1,0 +1,121 @@
+"""PK sampling under DDP: each batch holds P identities x K images.
+
+Every rank draws its own identities, and every rank yields the same number of batches per
+epoch (a rank that runs out first would leave the others waiting in an all-reduce forever).
+Batches are a pure function of (seed, epoch, rank), so a resumed run redraws the same epoch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+class PKBatchSampler:
+    """Batch sampler yielding lists of dataset indices, P identities x K instances each.
+
+    Args:
+        pids: identity label of every dataset index.
+        num_ids: P, identities per batch.
+        num_instances: K, images per identity (drawn with replacement when an identity has
+            fewer than K images).
+        num_replicas: DDP world size.
+        rank: this process's rank.
+        seed: base seed; the epoch set with `set_epoch` is mixed in.
+        batches_per_epoch: fixed number of batches per rank (0 = the fewest any rank can form
+            without reusing an image chunk).
+
+    Identities are split across ranks each epoch (rank r takes every world-th identity of a
+    shuffled list); with fewer than P x world identities every rank draws from all of them.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        num_ids: int = 16,
+        num_instances: int = 4,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        batches_per_epoch: int = 0,
+    ):
+        if num_ids < 1 or num_instances < 1:
+            raise ValueError(f"P={num_ids} and K={num_instances} must both be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} must be in [0, {num_replicas})")
+        self.index_by_pid: dict[int, np.ndarray] = {}
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, pid in enumerate(pids):
+            groups[int(pid)].append(index)
+        self.index_by_pid = {pid: np.asarray(ix) for pid, ix in sorted(groups.items())}
+        if len(self.index_by_pid) < num_ids:
+            raise ValueError(
+                f"PK sampling needs at least P={num_ids} identities, the data has "
+                f"{len(self.index_by_pid)}; lower data.num_ids_per_batch"
+            )
+        self.num_ids = num_ids
+        self.num_instances = num_instances
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_ids * self.num_instances
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_batches(self, rng: np.random.Generator, pids: np.ndarray) -> list[list[int]]:
+        """All batches one rank can form from its identities, in random order."""
+        chunks: dict[int, list[np.ndarray]] = {}
+        k = self.num_instances
+        for pid in pids:
+            indices = rng.permutation(self.index_by_pid[int(pid)])
+            if len(indices) < k:
+                indices = rng.choice(indices, size=k, replace=True)
+            elif len(indices) % k:
+                # pad to a multiple of K with repeats so every image gets used
+                extra = rng.choice(indices, size=k - len(indices) % k, replace=False)
+                indices = np.concatenate([indices, extra])
+            chunks[int(pid)] = list(indices.reshape(-1, k))
+        batches: list[list[int]] = []
+        available = [pid for pid in chunks if chunks[pid]]
+        while len(available) >= self.num_ids:
+            chosen = rng.choice(len(available), size=self.num_ids, replace=False)
+            batch: list[int] = []
+            for position in sorted(chosen):
+                pid = available[position]
+                batch.extend(int(i) for i in chunks[pid].pop())
+            batches.append(batch)
+            available = [pid for pid in available if chunks[pid]]
+        return batches
+
+    def _all_rank_batches(self) -> list[list[list[int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pids = rng.permutation(np.fromiter(self.index_by_pid, dtype=np.int64))
+        per_rank = []
+        for rank in range(self.num_replicas):
+            if len(pids) >= self.num_ids * self.num_replicas:
+                mine = pids[rank :: self.num_replicas]
+            else:
+                mine = pids  # too few identities to split: every rank draws from all
+            rank_rng = np.random.default_rng([self.seed, self.epoch, rank])
+            per_rank.append(self._rank_batches(rank_rng, mine))
+        return per_rank
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch > 0:
+            return self.batches_per_epoch
+        return min(len(b) for b in self._all_rank_batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self._all_rank_batches()
+        count = self.batches_per_epoch or min(len(b) for b in per_rank)
+        mine = per_rank[self.rank]
+        for n in range(count):
+            yield mine[n % len(mine)]  # cycle when a fixed count exceeds what the rank formed

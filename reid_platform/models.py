@@ -1,0 +1,215 @@
+"""The BoT re-identification model: timm backbone -> pooling -> BNNeck -> classifier head.
+
+    image (B, 3, H, W) --backbone--> map (B, C, h, w) --avg/GeM--> f_t (B, C)
+        --[optional linear to embedding_dim]--> BatchNorm1d (bias frozen) --> f_i (B, C)
+        --head--> logits (B, num_classes)
+
+The triplet loss sees f_t, the ID loss the logits of f_i; inference uses f_i, L2-normalised
+(`embed`). `forward` always returns the same `ReidOutput`, in train and eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_platform.config import ModelConfig
+from reid_platform.torchvision_guard import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+import timm  # noqa: E402  (needs the guard first on CPU-only torch)
+
+
+class ModelError(ValueError):
+    """A model cannot be built as configured; the message names the setting."""
+
+
+@dataclass
+class ReidOutput:
+    """What the model returns: features (B, D) before and after the BNNeck, logits (B, N)."""
+
+    features: torch.Tensor
+    bn_features: torch.Tensor
+    logits: torch.Tensor
+
+
+class GeM(nn.Module):
+    """Generalized-mean pooling: (mean x^p)^(1/p) over the spatial map; p=1 is average."""
+
+    def __init__(self, p: float = 3.0, learnable: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C)
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+class LinearHead(nn.Module):
+    """Plain linear classifier without bias (the BoT head)."""
+
+    def __init__(self, in_features: int, num_classes: int, **_: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor, pids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class CosFaceHead(nn.Module):
+    """AM-Softmax / CosFace: s * (cos(theta) - m) for the target class, s * cos elsewhere."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0,
+                 margin: float = 0.35):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale, self.margin = scale, margin
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x), F.normalize(self.weight))
+
+    def forward(self, x: torch.Tensor, pids: torch.Tensor | None = None) -> torch.Tensor:
+        cos = self.cosine(x)
+        if pids is not None:
+            cos = cos - self.margin * F.one_hot(pids, cos.shape[1]).to(cos.dtype)
+        return self.scale * cos
+
+
+class ArcFaceHead(CosFaceHead):
+    """ArcFace: s * cos(theta + m) for the target class (with the usual easy-margin fallback)."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0,
+                 margin: float = 0.5):
+        super().__init__(in_features, num_classes, scale, margin)
+        self.threshold = math.cos(math.pi - margin)
+        self.mm = math.sin(math.pi - margin) * margin
+
+    def forward(self, x: torch.Tensor, pids: torch.Tensor | None = None) -> torch.Tensor:
+        cos = self.cosine(x)
+        if pids is not None:
+            sin = (1.0 - cos.pow(2)).clamp(min=1e-7).sqrt()
+            phi = cos * math.cos(self.margin) - sin * math.sin(self.margin)
+            # past theta = pi - m, cos(theta + m) stops decreasing: use a linear penalty
+            phi = torch.where(cos > self.threshold, phi, cos - self.mm)
+            onehot = F.one_hot(pids, cos.shape[1]).to(cos.dtype)
+            cos = onehot * phi + (1.0 - onehot) * cos
+        return self.scale * cos
+
+
+HEADS = {"linear": LinearHead, "cosface": CosFaceHead, "arcface": ArcFaceHead}
+POOLINGS = ("avg", "gem")
+
+
+def set_last_stride_1(backbone: nn.Module) -> bool:
+    """Remove the stride of the last ResNet stage (16x8 maps at 256x128 instead of 8x4).
+
+    Returns:
+        True if the backbone has a ResNet `layer4` and it was changed.
+    """
+    layer4 = getattr(backbone, "layer4", None)
+    if layer4 is None:
+        return False
+    first_block = layer4[0]
+    for module in first_block.modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+        elif isinstance(module, nn.AvgPool2d) and module.stride in (2, (2, 2)):
+            module.kernel_size, module.stride = 1, 1  # ResNet-D average-pool downsampling
+    return True
+
+
+class ReidModel(nn.Module):
+    """timm backbone + pooling + BNNeck + head; see the module docstring for the data flow.
+
+    Args:
+        config: model settings (backbone name, pooling, head, ...).
+        num_classes: training identities N (the classifier has exactly N outputs).
+    """
+
+    def __init__(self, config: ModelConfig, num_classes: int):
+        super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ModelError(f"model.pooling={config.pooling!r}; choose one of {POOLINGS}")
+        if config.head not in HEADS:
+            raise ModelError(f"model.head={config.head!r}; choose one of {sorted(HEADS)}")
+        if num_classes < 1:
+            raise ModelError(f"num_classes must be >= 1, got {num_classes}")
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone = create_backbone(config.backbone, config.pretrained)
+        if config.last_stride == 1:
+            set_last_stride_1(self.backbone)
+        self.pool = (
+            GeM(config.gem_p, config.gem_learnable)
+            if config.pooling == "gem"
+            else nn.AdaptiveAvgPool2d(1)
+        )
+        width = self.backbone.num_features
+        if config.embedding_dim > 0:
+            self.reduce: nn.Module = nn.Linear(width, config.embedding_dim, bias=False)
+            width = config.embedding_dim
+        else:
+            self.reduce = nn.Identity()
+        self.embedding_dim = width
+        self.bnneck = nn.BatchNorm1d(width)
+        self.bnneck.bias.requires_grad_(False)  # BoT: a frozen zero shift
+        self.head = HEADS[config.head](
+            width, num_classes, scale=config.head_scale, margin=config.head_margin
+        )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> f_t (B, D), the pooled (and reduced) feature before the BNNeck."""
+        x = self.backbone.forward_features(images)
+        if x.ndim == 4:  # CNN map (B, C, h, w)
+            x = self.pool(x).flatten(1)
+        else:  # transformer tokens: the backbone's own pooling (cls token or average)
+            x = self.backbone.forward_head(x, pre_logits=True)
+        return self.reduce(x)
+
+    def forward(self, images: torch.Tensor, pids: torch.Tensor | None = None) -> ReidOutput:
+        """Run the whole model; `pids` enable the margin of CosFace/ArcFace heads."""
+        f_t = self.features(images)  # (B, D)
+        f_i = self.bnneck(f_t)  # (B, D)
+        return ReidOutput(features=f_t, bn_features=f_i, logits=self.head(f_i, pids))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference embedding: L2-normalised post-BNNeck features (B, D).
+
+        Uses the BatchNorm running statistics only in eval mode: call `model.eval()` first.
+        """
+        return F.normalize(self.bnneck(self.features(images)), dim=1)
+
+
+def create_backbone(name: str, pretrained: str = "") -> nn.Module:
+    """A timm feature extractor (`num_classes=0`), with ImageNet weights from a local file.
+
+    Args:
+        name: any timm model name, e.g. resnet50, resnet50_gn, seresnext50_32x4d, vit_small_*.
+        pretrained: path to a weights file (.pth/.bin/.safetensors), or "" for random init.
+            Model hubs are not contacted.
+
+    Raises:
+        ModelError: unknown model name or missing weights file.
+    """
+    if name not in timm.list_models() and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+    kwargs: dict = {"num_classes": 0}
+    if pretrained:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.pretrained={pretrained!r}: no such weights file")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    return timm.create_model(name, **kwargs)
+
+
+def build_model(config: ModelConfig, num_classes: int) -> ReidModel:
+    """Build the model described by `config` with `num_classes` training identities."""
+    return ReidModel(config, num_classes)

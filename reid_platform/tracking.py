@@ -1,0 +1,146 @@
+"""MLflow: where runs go, and logging that works from the driver and from Ray workers.
+
+The driver resolves the tracking URI, creates the experiment (Ray workers must not race to
+create it) and the run; rank 0 of the training workers logs metrics and artifacts into that run
+by id. The default store is SQLite under the workspace with artifacts beside it; a cluster sets
+MLFLOW_TRACKING_URI to a tracking server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from reid_platform.config import Config
+
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else an absolute SQLite URI in the workspace."""
+    uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    return f"sqlite:///{config.workspace_dir / 'mlflow.db'}"
+
+
+def artifact_root(config: Config, uri: str) -> str | None:
+    """Explicit artifact location for local stores; a server decides its own."""
+    if uri.startswith(("sqlite:", "file:")) or uri.startswith("/"):
+        return (config.workspace_dir / "mlflow-artifacts").as_uri()
+    return None
+
+
+def ensure_experiment(config: Config, uri: str) -> str:
+    """Create the config's experiment if needed (in the driver); returns its id."""
+    client = MlflowClient(uri)
+    name = config.experiment_name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = artifact_root(config, uri)
+    location = f"{root}/{name}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    """The commit of the working tree, or "unknown" (e.g. inside a `ray job` copy)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(
+    config: Config,
+    uri: str,
+    run_name: str = "",
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run with the flattened config as params and standard tags; returns its id."""
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(config, uri)
+    all_tags = {"git_commit": git_commit(), "config_name": config.name}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags.update(tags or {})
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name or config.tracking.run_name or None,
+        tags=all_tags,
+    )
+    log_params(client, run.info.run_id, config.flat())
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow accepts 100 params per batch
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+class RunLogger:
+    """Log metrics and artifacts into an existing run (picklable: only strings inside).
+
+    Args:
+        uri: tracking URI.
+        run_id: the run created by the driver; None makes every call a no-op (ranks > 0).
+    """
+
+    def __init__(self, uri: str, run_id: str | None):
+        self.uri = uri
+        self.run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def _client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(items), 1000):
+            self._client().log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client().log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        self._client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._client().set_terminated(self.run_id, status)

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, LR schedules, SWA and the Ray TorchTrainer."""

@@ -1,0 +1,150 @@
+"""Driver side of training: data preparation, Ray start-up, the TorchTrainer, MLflow run.
+
+`run_training(config)` is what `jobs/train.py` calls; `build_trainer` is reused by the Tune
+sweep, which launches one trainer per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from reid_platform.config import Config, save_config
+from reid_platform.data.formats import ReidDataset, balance, load_dataset
+from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
+from reid_platform.training.loop import train_loop_per_worker
+
+# Environment every Ray worker needs (albumentations otherwise checks for updates online).
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run left behind."""
+
+    run_id: str
+    tracking_uri: str
+    checkpoint: Path
+    metrics: dict[str, Any]
+    config_path: Path
+
+
+def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDataset]:
+    """Generate the synthetic dataset if asked, validate the dataset; returns the config with
+    an absolute `data.root` (workers and `ray job` copies need absolute paths)."""
+    data = config.data
+    root = data.root
+    if data.format == "synthetic":
+        from reid_platform.data.synthetic import ensure_synthetic
+
+        s = data.synthetic
+        if not root:
+            root = str(config.workspace_dir / "data" / f"synthetic-{s.num_train_ids}-"
+                       f"{s.num_test_ids}-{s.num_cameras}-{s.height}x{s.width}-seed{s.seed}")
+        ensure_synthetic(
+            root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+            num_cameras=s.num_cameras, height=s.height, width=s.width, seed=s.seed,
+            progress=progress,
+        )
+    elif not root:
+        raise ValueError(f"data.root is empty; data.format={data.format} needs a dataset path")
+    root = str(Path(root).expanduser().resolve())
+    config = config.replace(**{"data.root": root})
+    dataset = load_dataset(root, data.format, data.test_fraction)
+    train, _ = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
+    needed = data.num_ids_per_batch
+    if len({s.pid for s in train}) < needed:
+        raise ValueError(
+            f"data.num_ids_per_batch={needed} but the training split has only "
+            f"{len({s.pid for s in train})} identities with 2+ images"
+        )
+    return config, dataset
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to $RAY_ADDRESS, or start a local Ray listening on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": WORKER_ENV},
+        log_to_driver=True,
+    )
+
+
+def resolve_use_gpu(config: Config) -> bool:
+    """`train.use_gpu`: "auto" means GPUs if the Ray cluster has any."""
+    if config.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return config.train.use_gpu == "true"
+
+
+def build_trainer(
+    config: Config,
+    tracking_uri: str,
+    run_id: str | None,
+    run_name: str,
+    storage_path: str | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer running `train_loop_per_worker` with the config's scaling settings."""
+    use_gpu = resolve_use_gpu(config)
+    train = config.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri,
+                           "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path or str(config.workspace_dir / "ray_results"),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_training(config: Config, progress: bool = True) -> TrainingResult:
+    """Train and evaluate as configured; returns the MLflow run, final checkpoint and metrics."""
+    config, dataset = prepare_data(config, progress=progress)
+    print(dataset.summary(), flush=True)
+    run_name = config.tracking.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = resolve_tracking_uri(config)
+    run_id = start_run(config, uri, run_name=run_name, tags={"dataset": dataset.name,
+                                                             "data_root": config.data.root})
+    logger = RunLogger(uri, run_id)
+    run_dir = config.workspace_dir / "runs" / run_name
+    config_path = save_config(config, run_dir / "config.yaml")
+    logger.log_artifact(config_path)
+    needed = config.train.num_workers * config.train.cpus_per_worker
+    init_ray(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
+    trainer = build_trainer(config, uri, run_id, run_name)
+    try:
+        result = trainer.fit()
+    except Exception:
+        logger.end("FAILED")
+        raise
+    if result.checkpoint is None:
+        logger.end("FAILED")
+        raise RuntimeError("training finished without a checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    logger.log_artifact(checkpoint, "checkpoints/final")
+    logger.end()
+    return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), config_path)
