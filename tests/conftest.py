@@ -1,0 +1,73 @@
+"""Shared fixtures: one workspace and one local Ray instance (loopback only) per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+# Before anything imports ray or albumentations.
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback, also for subprocesses
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+import reid_platform  # noqa: E402, F401  (sets the loopback switch for Ray)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+# albumentations 2.0 silently ignores renamed arguments with only a warning: make it fatal.
+warnings.filterwarnings("error", category=UserWarning, module="albumentations")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """The session's REID_PLATFORM_HOME (data, checkpoints, Ray results, MLflow)."""
+    path = tmp_path_factory.mktemp("workspace")
+    os.environ["REID_PLATFORM_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(workspace):
+    """One local Ray for the whole session (start-up is ~10 s and ~650 MB)."""
+    import ray
+
+    from reid_platform.training.trainer import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_market(tmp_path_factory) -> Path:
+    """A small synthetic Market-1501 tree (64x32 images), generated once per session."""
+    from reid_platform.data.synthetic import generate_market_tree
+
+    root = tmp_path_factory.mktemp("data") / "tiny_market"
+    return generate_market_tree(
+        root, num_train_ids=12, num_test_ids=8, num_cameras=3, num_distractors=4, num_junk=2,
+        height=64, width=32, seed=1, progress=False,
+    )
+
+
+def tiny_config_overrides() -> dict:
+    """Overrides that make any config a seconds-long CPU run (tiny model, 64x32 images)."""
+    return {
+        "model.backbone": "test_resnet",
+        "data.height": 64,
+        "data.width": 32,
+        "data.num_ids_per_batch": 4,
+        "data.num_instances": 2,
+        "data.loader_workers": 0,
+        "data.eval_batch_size": 64,
+        "train.warmup_epochs": 0,
+        "train.eval_every": 1,
+        "train.num_workers": 2,
+    }
