@@ -28,6 +28,8 @@ SMOKE_OVERRIDES = {
     "data.width": 32,
     "data.loader_workers": 0,
     "data.eval_batch_size": 32,
+    "train.num_workers": 2,
+    "train.cpus_per_worker": 1.0,
 }
 
 

@@ -46,6 +46,17 @@ def ray_session(workspace):
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """GCS address of the session's Ray, for job subprocesses (`RAY_ADDRESS=...`)."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+def job_env(ray_address: str, workspace: Path) -> dict[str, str]:
+    """Environment for running a `jobs/*.py` subprocess against the session's Ray."""
+    return dict(os.environ, RAY_ADDRESS=ray_address, REID_PLATFORM_HOME=str(workspace))
+
+
+@pytest.fixture(scope="session")
 def tiny_market(tmp_path_factory) -> Path:
     """A small synthetic Market-1501 tree (64x32 images), generated once per session."""
     from reid_platform.data.synthetic import generate_market_tree
