@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, job_env, tiny_config_overrides
 from reid_platform.checkpoint import load_model, read_checkpoint
 from reid_platform.config import Config, load_config
+
+from conftest import REPO, job_env, tiny_config_overrides
 
 pytestmark = pytest.mark.slow
 
