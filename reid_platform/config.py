@@ -29,6 +29,8 @@ class SyntheticConfig:
     num_train_ids: int = 60
     num_test_ids: int = 40
     num_cameras: int = 4
+    min_images_per_camera: int = 1  # images of an identity per camera it appears in
+    max_images_per_camera: int = 3
     height: int = 128
     width: int = 64
     seed: int = 0
@@ -146,7 +148,7 @@ class TuneConfig:
     num_samples: int = 8
     max_concurrent: int = 0  # 0 = derived from the cluster's resources
     search: Literal["auto", "optuna", "random"] = "auto"
-    metric: str = "score"
+    metric: str = "score"  # an evaluation metric, higher is better
     grace_period: int = 1  # ASHA: evaluations before a trial may be stopped
     reduction_factor: int = 2
     margin_min: float = 0.1
@@ -159,6 +161,7 @@ class TuneConfig:
     lr_min: float = 1e-4
     lr_max: float = 1e-3
     search_lr: bool = True
+    storage_path: str = ""  # Tune experiments + trial checkpoints; empty = <workspace>/tune
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         allowed = ", ".join(f"{prefix}{name}" for name in fields)
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; allowed here: {allowed}")
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; allowed here: {allowed}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
@@ -314,9 +317,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _build(hint, value, f"{key}.")
     if origin is Literal:
         allowed = typing.get_args(hint)
-        # YAML reads `true` as a bool; accept it for "true"/"false" literals.
-        if isinstance(value, bool) and str(value).lower() in allowed:
-            value = str(value).lower()
+        # YAML 1.1 reads true/on/yes and false/off/no as bools: map back to the literal.
+        if isinstance(value, bool):
+            spellings = ("true", "on", "yes") if value else ("false", "off", "no")
+            value = next((s for s in spellings if s in allowed), value)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
         return value
@@ -342,6 +346,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string: accept numeric strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r} must be a number")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -21,8 +21,13 @@ from reid_platform.data.formats import ReidDataset, balance, load_dataset
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
 
-# Environment every Ray worker needs (albumentations otherwise checks for updates online).
-WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+# Environment every Ray worker needs: albumentations otherwise checks for updates online;
+# Train's print patch would echo every progress line twice (logger + tee to the real stdout).
+WORKER_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 @dataclass
@@ -46,12 +51,15 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
 
         s = data.synthetic
         if not root:
-            root = str(config.workspace_dir / "data" / f"synthetic-{s.num_train_ids}-"
-                       f"{s.num_test_ids}-{s.num_cameras}-{s.height}x{s.width}-seed{s.seed}")
+            root = str(config.workspace_dir / "data" / (
+                f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
+                f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
+                f"{s.height}x{s.width}-seed{s.seed}"))
         ensure_synthetic(
             root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
-            num_cameras=s.num_cameras, height=s.height, width=s.width, seed=s.seed,
-            progress=progress,
+            num_cameras=s.num_cameras,
+            images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
+            height=s.height, width=s.width, seed=s.seed, progress=progress,
         )
     elif not root:
         raise ValueError(f"data.root is empty; data.format={data.format} needs a dataset path")
@@ -98,8 +106,13 @@ def build_trainer(
     run_id: str | None,
     run_name: str,
     storage_path: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer running `train_loop_per_worker` with the config's scaling settings."""
+    """A TorchTrainer running `train_loop_per_worker` with the config's scaling settings.
+
+    `callbacks` go to the trainer's RunConfig (the Tune sweep passes one that forwards the
+    evaluation reports to Tune); `storage_path` defaults to `<workspace>/ray_results`.
+    """
     use_gpu = resolve_use_gpu(config)
     train = config.train
     return TorchTrainer(
@@ -117,6 +130,7 @@ def build_trainer(
             storage_path=storage_path or str(config.workspace_dir / "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
 

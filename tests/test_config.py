@@ -1,0 +1,225 @@
+"""Config: YAML + --set overrides, type coercion, errors naming the key, round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reid_platform.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_without_file():
+    config = load_config()
+    assert config == Config()
+    assert config.model.backbone == "resnet50" and config.data.num_ids_per_batch == 16
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write_yaml(
+        tmp_path / "c.yaml",
+        {"name": "exp", "loss": {"margin": 0.5}, "train": {"epochs": 7, "lr": 0.001}},
+    )
+    config = load_config(
+        path,
+        [
+            "train.epochs=2",  # override wins over the file
+            "loss.id_weight=1",  # int -> float
+            "train.lr=1e-3",  # YAML 1.1 reads this as a string: still a number
+            "train.warmup_epochs=3.0",  # integral float -> int
+            "loss.soft_margin=true",
+            "train.milestones=[10, 20]",  # list -> tuple
+            "train.use_gpu=false",  # YAML bool -> the "false" literal
+            "model.pretrained=",  # empty value -> empty string
+            "tracking.run_name=123",  # number -> string
+            "data.augment.flip_p=0",
+        ],
+    )
+    assert config.name == "exp"
+    assert config.train.epochs == 2 and isinstance(config.train.epochs, int)
+    assert config.loss.margin == 0.5  # from the file
+    assert config.loss.id_weight == 1.0 and isinstance(config.loss.id_weight, float)
+    assert config.train.lr == pytest.approx(1e-3) and isinstance(config.train.lr, float)
+    assert config.train.warmup_epochs == 3 and isinstance(config.train.warmup_epochs, int)
+    assert config.loss.soft_margin is True
+    assert config.train.milestones == (10, 20)
+    assert config.train.use_gpu == "false"
+    assert config.model.pretrained == ""
+    assert config.tracking.run_name == "123"
+    assert config.data.augment.flip_p == 0.0
+
+
+def test_single_milestone_becomes_tuple():
+    assert load_config(None, ["train.milestones=30"]).train.milestones == (30,)
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("train.amp=on", "amp", "on"),  # YAML 1.1 reads on/off/yes/no as bools
+        ("train.amp=off", "amp", "off"),
+        ("train.amp=auto", "amp", "auto"),
+        ("train.use_gpu=true", "use_gpu", "true"),
+        ("train.use_gpu=no", "use_gpu", "false"),
+    ],
+)
+def test_yaml_bools_map_back_to_literals(tmp_path, override, key, value):
+    assert getattr(load_config(None, [override]).train, key) == value
+    _, raw = override.split("=")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  {key}: {raw}\n")  # unquoted in a file too
+    config = load_config(path)
+    assert getattr(config.train, key) == value
+    assert load_config(save_config(config, tmp_path / "saved.yaml")) == config
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError, match=r"'train\.epochz'") as info:
+        load_config(None, ["train.epochz=3"])
+    message = str(info.value)
+    for allowed in ("train.epochs", "train.lr", "train.swa_epochs"):
+        assert allowed in message
+    with pytest.raises(ConfigError, match=r"'nosuch'.*allowed here: .*data"):
+        Config.from_dict({"nosuch": 1})
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"backbon": "resnet18"}})
+    with pytest.raises(ConfigError, match=r"'model\.backbon'.*model\.backbone"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),
+        ("loss.margin=big", "loss.margin"),
+        ("loss.margin=true", "loss.margin"),
+        ("loss.soft_margin=1", "loss.soft_margin"),
+        ("model.backbone=[a, b]", "model.backbone"),
+        ("train.milestones=abc", "train.milestones"),
+        ("train.milestones=[10, x]", r"train.milestones\[1\]"),
+        ("data=3", "data"),
+    ],
+)
+def test_wrong_type_names_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,choices",
+    [
+        ("model.pooling=max", "['avg', 'gem']"),
+        ("model.head=softmax", "['linear', 'cosface', 'arcface']"),
+        ("loss.distance=l1", "['euclidean', 'cosine']"),
+        ("data.format=coco", "'market1501'"),
+        ("train.use_gpu=maybe", "'auto', 'true', 'false'"),
+    ],
+)
+def test_literal_choices(override, choices):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key) as info:
+        load_config(None, [override])
+    assert "not allowed" in str(info.value) and choices in str(info.value)
+
+
+def test_section_replaced_by_value():
+    with pytest.raises(ConfigError, match="'loss'"):
+        load_config(None, ["loss=1", "loss.margin=0.2"])
+
+
+def test_bad_override_syntax_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+
+
+def non_default_config() -> Config:
+    return Config(
+        name="round",
+        data=DataConfig(
+            format="csv",
+            height=64,
+            augment=dataclasses.replace(DataConfig().augment, channel_exchange_p=0.3),
+        ),
+        loss=LossConfig(soft_margin=True, distance="cosine", center_weight=0.01),
+        train=TrainConfig(milestones=(5, 9), scheduler="multistep", lr=1e-4, use_gpu="false"),
+    )
+
+
+def test_to_dict_from_dict_round_trip():
+    config = non_default_config()
+    data = config.to_dict()
+    assert data["train"]["milestones"] == [5, 9]  # plain lists
+    json.dumps(data)  # JSON-serialisable (sent to Ray workers)
+    assert Config.from_dict(data) == config
+    assert Config.from_dict({}) == Config()
+    assert Config.from_dict({"loss": {"margin": 0.7}}).loss == LossConfig(margin=0.7)
+
+
+def test_save_load_round_trip(tmp_path):
+    config = non_default_config()
+    path = save_config(config, tmp_path / "nested" / "resolved.yaml")
+    assert path.is_file()
+    assert load_config(path) == config
+
+
+def test_replace_and_flat():
+    config = Config().replace(**{"loss.margin": 0.5, "train.epochs": 3})
+    assert config.loss.margin == 0.5 and config.train.epochs == 3
+    with pytest.raises(ConfigError, match="loss.margn"):
+        Config().replace(**{"loss.margn": 0.5})
+    flat = config.flat()
+    assert flat["loss.margin"] == 0.5 and flat["data.augment.flip_p"] == 0.5
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_experiment_name():
+    assert Config(name="x").experiment_name == "x"
+    assert load_config(None, ["name=x", "tracking.experiment=y"]).experiment_name == "y"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.name and config != Config()
+    # the file names only known keys, so it survives a save/load round trip too
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_config_files_exist():
+    assert CONFIG_FILES, "configs/*.yaml should not be empty"

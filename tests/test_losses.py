@@ -1,0 +1,268 @@
+"""Losses against plain-Python loops: batch-hard triplet, label-smoothed CE, center loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reid_platform.config import LossConfig
+from reid_platform.losses import (
+    CenterLoss,
+    CrossEntropyLabelSmooth,
+    ReidLoss,
+    TripletLoss,
+    cosine_dist,
+    euclidean_dist,
+)
+
+# ---- references --------------------------------------------------------------------------
+
+
+def ref_distance(a: list[float], b: list[float], distance: str) -> float:
+    if distance == "euclidean":
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+    dot = sum(x * y for x, y in zip(a, b))
+    norm_a = math.sqrt(sum(x * x for x in a))
+    norm_b = math.sqrt(sum(y * y for y in b))
+    return 1.0 - dot / (norm_a * norm_b)
+
+
+def ref_triplet(features, pids, margin: float, soft_margin: bool, distance: str) -> float:
+    """One anchor at a time: farthest positive (itself included), closest negative."""
+    rows = features.double().tolist()
+    labels = pids.tolist()
+    losses = []
+    for i, anchor in enumerate(rows):
+        pos = [ref_distance(anchor, r, distance) for r, p in zip(rows, labels) if p == labels[i]]
+        neg = [ref_distance(anchor, r, distance) for r, p in zip(rows, labels) if p != labels[i]]
+        if not neg:
+            continue
+        diff = max(pos) - min(neg)
+        losses.append(math.log1p(math.exp(diff)) if soft_margin else max(0.0, diff + margin))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def torch_loop_triplet(features, pids, margin: float) -> torch.Tensor:
+    """Differentiable per-anchor loop (Euclidean hinge), for comparing gradients."""
+    losses = []
+    for i in range(len(pids)):
+        dists = torch.stack([torch.linalg.norm(features[i] - f) for f in features])
+        same = pids == pids[i]
+        d_ap = dists[same & (torch.arange(len(pids)) != i)].max()
+        d_an = dists[~same].min()
+        losses.append(F.relu(d_ap - d_an + margin))
+    return torch.stack(losses).mean()
+
+
+def pk_pids(num_ids: int, num_instances: int, generator: torch.Generator) -> torch.Tensor:
+    pids = torch.arange(num_ids).repeat_interleave(num_instances)
+    return pids[torch.randperm(len(pids), generator=generator)]
+
+
+# ---- triplet -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triplet_matches_loop(dtype, distance, soft_margin, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pids = pk_pids(4, 3, gen)  # every anchor has positives and negatives
+    features = torch.randn(len(pids), 8, generator=gen, dtype=dtype)
+    margin = 0.3 if seed == 0 else 1.5
+    loss = TripletLoss(margin, soft_margin, distance)(features, pids)
+    assert loss.dtype == dtype and loss.ndim == 0
+    want = ref_triplet(features, pids, margin, soft_margin, distance)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert loss.item() == pytest.approx(want, rel=tol, abs=tol)
+
+
+def test_triplet_gradient_matches_loop():
+    gen = torch.Generator().manual_seed(3)
+    pids = pk_pids(4, 3, gen)
+    features = torch.randn(len(pids), 6, generator=gen, dtype=torch.float64)
+    x1 = features.clone().requires_grad_(True)
+    x2 = features.clone().requires_grad_(True)
+    TripletLoss(margin=1.0)(x1, pids).backward()
+    torch_loop_triplet(x2, pids, margin=1.0).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+def test_triplet_one_identity_is_zero_with_finite_gradient(distance, soft_margin):
+    features = torch.randn(6, 8, requires_grad=True)
+    loss = TripletLoss(0.3, soft_margin, distance)(features, torch.full((6,), 7))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert features.grad is not None and torch.isfinite(features.grad).all()
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+def test_triplet_all_equal_features(distance, soft_margin):
+    features = torch.ones(8, 5, requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss = TripletLoss(0.3, soft_margin, distance)(features, pids)
+    # every distance is (numerically) 0: hinge = margin, soft margin = log 2
+    want = math.log(2.0) if soft_margin else 0.3
+    assert loss.item() == pytest.approx(want, abs=1e-3)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+def test_triplet_anchor_alone_with_its_identity(distance, soft_margin):
+    # ids 5 and 9 have one image each: their hardest positive is themselves (distance 0)
+    gen = torch.Generator().manual_seed(4)
+    pids = torch.tensor([0, 0, 1, 1, 5, 2, 2, 9])
+    features = torch.randn(len(pids), 8, generator=gen, dtype=torch.float64)
+    features.requires_grad_(True)
+    loss = TripletLoss(2.0, soft_margin, distance)(features, pids)
+    want = ref_triplet(features.detach(), pids, 2.0, soft_margin, distance)
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_triplet_unknown_distance():
+    with pytest.raises(ValueError, match="manhattan"):
+        TripletLoss(distance="manhattan")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distances_match_loop(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=gen, dtype=dtype)
+    y = torch.randn(4, 7, generator=gen, dtype=dtype)
+    for name, fn in [("euclidean", euclidean_dist), ("cosine", cosine_dist)]:
+        got = fn(x, y)
+        assert got.shape == (5, 4) and got.dtype == dtype
+        want = [
+            [ref_distance(a, b, name) for b in y.double().tolist()] for a in x.double().tolist()
+        ]
+        torch.testing.assert_close(
+            got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5
+        )
+
+
+# ---- label-smoothed cross-entropy ---------------------------------------------------------
+
+
+def ref_label_smooth(logits, pids, eps: float) -> float:
+    total = 0.0
+    num_classes = logits.shape[1]
+    for row, pid in zip(logits.double().tolist(), pids.tolist()):
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        for c, v in enumerate(row):
+            q = (1.0 - eps) * (c == pid) + eps / num_classes
+            total -= q * (v - log_z)
+    return total / len(logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
+def test_label_smooth_matches_loop_and_torch(dtype, eps):
+    gen = torch.Generator().manual_seed(int(eps * 10))
+    logits = torch.randn(9, 6, generator=gen, dtype=dtype) * 4
+    pids = torch.randint(0, 6, (9,), generator=gen)
+    loss = CrossEntropyLabelSmooth(eps)(logits, pids)
+    assert loss.item() == pytest.approx(ref_label_smooth(logits, pids, eps), rel=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, pids, label_smoothing=eps))
+
+
+def test_label_smooth_hand_computed():
+    # two classes, logits (0, 0): log p = log 0.5 for both, so the loss is log 2 for any eps
+    loss = CrossEntropyLabelSmooth(0.1)(torch.zeros(1, 2), torch.tensor([1]))
+    assert loss.item() == pytest.approx(math.log(2.0))
+    # logits (log 3, 0): p = (0.75, 0.25); target 0, eps 0.2 -> q = (0.9, 0.1)
+    logits = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    loss = CrossEntropyLabelSmooth(0.2)(logits, torch.tensor([0]))
+    assert loss.item() == pytest.approx(-(0.9 * math.log(0.75) + 0.1 * math.log(0.25)))
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0])
+def test_label_smooth_rejects_bad_epsilon(eps):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CrossEntropyLabelSmooth(eps)
+
+
+# ---- center loss ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_center_loss_matches_loop(dtype):
+    gen = torch.Generator().manual_seed(6)
+    loss_fn = CenterLoss(num_classes=5, feat_dim=4).to(dtype)
+    features = torch.randn(10, 4, generator=gen, dtype=dtype)
+    pids = torch.randint(0, 5, (10,), generator=gen)
+    centers = loss_fn.centers.detach().double().tolist()
+    want = sum(
+        sum((f - c) ** 2 for f, c in zip(row, centers[p]))
+        for row, p in zip(features.double().tolist(), pids.tolist())
+    ) / len(pids)
+    loss = loss_fn(features, pids)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert loss_fn.centers.grad is not None
+    # only the centres of identities in the batch move
+    untouched = sorted(set(range(5)) - set(pids.tolist()))
+    assert torch.all(loss_fn.centers.grad[untouched] == 0)
+
+
+def test_center_loss_zero_at_centres():
+    loss_fn = CenterLoss(num_classes=3, feat_dim=4)
+    pids = torch.tensor([2, 0, 2])
+    features = loss_fn.centers.detach()[pids]
+    assert loss_fn(features, pids).item() == pytest.approx(0.0, abs=1e-10)
+
+
+# ---- weighted total -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "id_w,tri_w,center_w", [(1.0, 1.0, 0.0), (0.1, 0.9, 0.0), (1.0, 1.0, 0.0005), (0.3, 2.0, 0.5)]
+)
+def test_reid_loss_weights(id_w, tri_w, center_w):
+    config = LossConfig(
+        id_weight=id_w,
+        triplet_weight=tri_w,
+        center_weight=center_w,
+        margin=0.5,
+        label_smoothing=0.1,
+    )
+    gen = torch.Generator().manual_seed(7)
+    pids = pk_pids(3, 2, gen)
+    features = torch.randn(6, 8, generator=gen)
+    logits = torch.randn(6, 3, generator=gen)
+    loss_fn = ReidLoss(config, num_classes=3, feat_dim=8)
+    out = loss_fn(features, logits, pids)
+
+    expected_keys = {"id", "triplet"} | ({"center"} if center_w > 0 else set())
+    assert set(out.terms) == expected_keys
+    assert (loss_fn.center is None) == (center_w == 0)
+    torch.testing.assert_close(out.terms["id"], CrossEntropyLabelSmooth(0.1)(logits, pids))
+    torch.testing.assert_close(out.terms["triplet"], TripletLoss(0.5)(features, pids))
+    want = id_w * out.terms["id"] + tri_w * out.terms["triplet"]
+    if center_w > 0:
+        torch.testing.assert_close(out.terms["center"], loss_fn.center(features, pids))
+        want = want + center_w * out.terms["center"]
+    torch.testing.assert_close(out.total, want)
+
+
+def test_reid_loss_half_precision_inputs_give_float32_terms():
+    config = LossConfig(center_weight=0.1)
+    gen = torch.Generator().manual_seed(8)
+    pids = pk_pids(3, 2, gen)
+    features = torch.randn(6, 8, generator=gen).half().requires_grad_(True)
+    logits = torch.randn(6, 3, generator=gen).half()
+    out = ReidLoss(config, num_classes=3, feat_dim=8)(features, logits, pids)
+    assert all(t.dtype == torch.float32 for t in out.terms.values())
+    out.total.backward()
+    assert torch.isfinite(features.grad.float()).all()
