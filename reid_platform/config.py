@@ -129,6 +129,8 @@ class TrainConfig:
     max_failures: int = 0
     seed: int = 0
     resume_from: str = ""  # a checkpoint to continue from (its epoch and optimizer)
+    storage_path: str = ""  # Ray Train results/checkpoints; empty = <workspace>/ray_results
+    # (on a multi-node cluster: s3://..., gs://... or an NFS path every node mounts)
     log_every: int = 0  # print a progress line every N iterations (0 = once per epoch)
 
 

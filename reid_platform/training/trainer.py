@@ -127,7 +127,9 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path or str(config.workspace_dir / "ray_results"),
+            storage_path=storage_path
+            or config.train.storage_path
+            or str(config.workspace_dir / "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
