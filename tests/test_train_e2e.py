@@ -3,6 +3,7 @@ the BoT config's smoke test, and real images (scikit-learn's digits) learning so
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,22 +58,28 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return out
 
 
-def test_ddp_train_logs_metrics_and_resumes(tiny_market, ray_address, workspace):
+def test_ddp_train_logs_metrics_and_resumes(tiny_market, ray_address, workspace, tmp_path):
+    # A copy of the tiny tree with one truncated query JPEG: skipped and counted, no crash.
+    data = tmp_path / "market"
+    shutil.copytree(tiny_market, data)
+    corrupt = sorted((data / "query").glob("*.jpg"))[0]
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
     env = job_env(ray_address, workspace)
     common = ["jobs/train.py", "--config", "configs/demo.yaml", "--set",
-              f"data.root={tiny_market}", "data.format=market1501"]
+              f"data.root={data}", "data.format=market1501"]
     stdout = run_job(common + overrides(**{"train.epochs": 2, "train.swa_epochs": 0}), env)
     checkpoint = last_checkpoint(stdout)
     payload = read_checkpoint(checkpoint)
     assert payload["epoch"] == 2
     assert payload["num_classes"] == 12
     model, config = load_model(checkpoint)
-    assert config.data.root == str(tiny_market) and config.model.backbone == "test_resnet"
+    assert config.data.root == str(data) and config.model.backbone == "test_resnet"
 
     client, run = mlflow_run(stdout, workspace)
     assert run.info.status == "FINISHED"
     assert run.data.params["loss.margin"] == "0.3"
-    assert run.data.tags["dataset"] == tiny_market.name
+    assert run.data.tags["dataset"] == data.name
+    assert run.data.metrics["eval_skipped_images"] == 1
     for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
@@ -87,7 +94,7 @@ def test_ddp_train_logs_metrics_and_resumes(tiny_market, ray_address, workspace)
     assert {"config.yaml", "plots/cmc.png", "checkpoints/final/model.pt",
             "checkpoints/best/model.pt"} <= artifacts
     saved = load_config(Path(stdout.split("config: ")[1].splitlines()[0]))
-    assert saved.train.epochs == 2 and saved.data.root == str(tiny_market)
+    assert saved.train.epochs == 2 and saved.data.root == str(data)
 
     # Resume: continues at epoch 3 with the optimizer state, then SWA over the last epoch.
     stdout = run_job(
