@@ -1,0 +1,235 @@
+"""Evaluate checkpoints: CMC / mAP / mINP per variant, re-ranking, QE, DBA, PCA, ensembles.
+
+    python jobs/evaluate.py --checkpoint CKPT                       # raw embeddings
+    python jobs/evaluate.py --checkpoint CKPT --rerank --qe 5 --dba 5 --pca 256
+    python jobs/evaluate.py --checkpoint A --checkpoint B --weights 0.6 0.4 --rerank
+    python jobs/evaluate.py --checkpoint CKPT --set data.root=/data/market data.format=market1501
+    python jobs/evaluate.py --checkpoint CKPT --run-id MLFLOW_RUN   # log into the training run
+    python jobs/evaluate.py --smoke-test                            # tiny model + tiny data
+
+The dataset is the first checkpoint's own (`data.*` of its config) unless `--config` (its
+`data` section) or `--set data.*=...` override it. Writes report.json and the pictures to
+`--out` (default `<workspace>/evaluations/<timestamp>`) and logs them to MLflow. The last line
+printed is `report: <path to report.json>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _cli  # first: puts the checkout on sys.path
+
+if TYPE_CHECKING:
+    from reid_platform.config import Config
+
+SMOKE_MAX_QUERY = 16
+SMOKE_MAX_GALLERY = 64
+SMOKE_DATA = {"data.loader_workers": 0, "data.eval_batch_size": 32}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="checkpoint directory or model.pt; repeat for an ensemble",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="ensemble weights, one per --checkpoint (default: equal)",
+    )
+    _cli.add_config_args(parser)
+    parser._option_string_actions[
+        "--config"
+    ].help = "YAML config whose data section replaces the checkpoint's (default: the checkpoint's)"
+    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    parser.add_argument("--k1", type=int, default=20, help="re-ranking k1 (default 20)")
+    parser.add_argument("--k2", type=int, default=6, help="re-ranking k2 (default 6)")
+    parser.add_argument(
+        "--lambda",
+        dest="lambda_value",
+        type=float,
+        default=0.3,
+        help="re-ranking weight of the original distance (default 0.3)",
+    )
+    parser.add_argument("--qe", type=int, default=0, metavar="K", help="query expansion, top-K")
+    parser.add_argument(
+        "--dba", type=int, default=0, metavar="K", help="database-side augmentation, top-K"
+    )
+    parser.add_argument(
+        "--pca",
+        type=int,
+        default=0,
+        metavar="DIM",
+        help="PCA whitening to DIM dimensions (fitted on the gallery)",
+    )
+    parser.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine")
+    parser.add_argument("--out", help="output folder (default: <workspace>/evaluations/<time>)")
+    parser.add_argument("--run-id", help="log into this MLflow run (e.g. the training run)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
+    parser.add_argument(
+        "--scatter",
+        choices=("tsne", "pca"),
+        default="tsne",
+        help="2-D projection of the embedding picture",
+    )
+    return parser.parse_args()
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """`key=value` overrides (values parse as YAML), like `load_config` does for a file."""
+    import yaml
+
+    from reid_platform.config import ConfigError
+
+    values = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. data.root=/d)")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return config.replace(**values)
+
+
+def effective_config(stored: Config, args: argparse.Namespace) -> Config:
+    """The checkpoint's config, with `--config`'s data section and `--set` on top."""
+    from reid_platform.config import Config, load_config
+
+    if args.config:
+        data = stored.to_dict()
+        data["data"] = load_config(args.config).to_dict()["data"]
+        stored = Config.from_dict(data)
+    overrides = list(args.overrides)
+    if args.smoke_test:
+        overrides += [f"{k}={v}" for k, v in SMOKE_DATA.items()]
+    return apply_overrides(stored, overrides)
+
+
+def smoke_checkpoint(workspace: Path) -> Path:
+    """A random-init tiny model (timm `test_resnet`) on a tiny synthetic Market tree."""
+    from reid_platform.checkpoint import save_checkpoint
+    from reid_platform.config import Config
+    from reid_platform.data.synthetic import ensure_synthetic
+    from reid_platform.models import build_model
+
+    params = dict(
+        num_train_ids=12,
+        num_test_ids=8,
+        num_cameras=3,
+        num_distractors=4,
+        num_junk=2,
+        height=64,
+        width=32,
+        seed=0,
+    )
+    root = ensure_synthetic(
+        workspace / "data" / "synthetic-evaluate-smoke", progress=False, **params
+    )
+    config = Config().replace(
+        **{
+            "name": "evaluate-smoke",
+            "model.backbone": "test_resnet",
+            "data.root": str(root),
+            "data.format": "market1501",
+            "data.height": 64,
+            "data.width": 32,
+        }
+    )
+    model = build_model(config.model, num_classes=params["num_train_ids"])
+    return save_checkpoint(workspace / "checkpoints" / "evaluate-smoke", model, config, 0)
+
+
+def main() -> None:
+    args = parse_args()
+    from reid_platform.config import load_config
+    from reid_platform.evaluation.metrics import EvaluationError
+    from reid_platform.evaluation.pipeline import (
+        EvalOptions,
+        check_mlflow_run,
+        default_output_dir,
+        format_table,
+        log_to_mlflow,
+        read_checkpoint_input,
+        run_evaluation,
+    )
+
+    paths = list(args.checkpoint)
+    smoke_subset = args.smoke_test and bool(paths)
+    if not paths:
+        if not args.smoke_test:
+            raise EvaluationError("give at least one --checkpoint (or --smoke-test)")
+        paths = [str(smoke_checkpoint(load_config(None, args.overrides).workspace_dir))]
+    if args.weights is not None and len(args.weights) != len(paths):
+        raise EvaluationError(
+            f"--weights has {len(args.weights)} values for {len(paths)} --checkpoint"
+        )
+    weights = args.weights or [1.0] * len(paths)
+    checkpoints = []
+    for path, weight in zip(paths, weights):
+        stored = read_checkpoint_input(path, weight)  # fails early on a bad path
+        checkpoints.append(replace(stored, config=effective_config(stored.config, args)))
+    config = checkpoints[0].config
+
+    asked = args.rerank or args.qe or args.dba or args.pca
+    smoke_steps = args.smoke_test and not asked  # exercise every step on the tiny set
+    options = EvalOptions(
+        distance=args.distance,
+        pca_dim=16 if smoke_steps else args.pca,
+        qe_k=2 if smoke_steps else args.qe,
+        dba_k=2 if smoke_steps else args.dba,
+        rerank=True if smoke_steps else args.rerank,
+        k1=args.k1,
+        k2=args.k2,
+        lambda_value=args.lambda_value,
+    )
+    if args.run_id and not args.no_mlflow:
+        check_mlflow_run(config, args.run_id)  # before the slow part
+    out_dir = (
+        Path(args.out).expanduser().resolve()
+        if args.out
+        else default_output_dir(config.workspace_dir)
+    )
+    outcome = run_evaluation(
+        checkpoints,
+        options,
+        out_dir,
+        device=args.device,
+        scatter=args.scatter,
+        max_query=SMOKE_MAX_QUERY if smoke_subset else 0,
+        max_gallery=SMOKE_MAX_GALLERY if smoke_subset else 0,
+    )
+    report = outcome.report
+    queries = report["queries"]
+    print(
+        f"dataset {report['dataset']['name']}: {report['num_query']} queries, "
+        f"{report['num_gallery']} gallery images; {queries['valid']} valid queries, "
+        f"{queries['skipped']} skipped ({queries['skipped_absent_from_gallery']} identity "
+        f"absent from the gallery, {queries['skipped_same_camera_only']} same camera only); "
+        f"{len(report['skipped_images'])} unreadable images skipped"
+    )
+    print(format_table(outcome.evaluation.results))
+    print(f"best: {report['best_variant']}")
+    if not args.no_mlflow:
+        uri, run_id = log_to_mlflow(report, out_dir, config, args.run_id)
+        print(f"mlflow run: {run_id} ({uri})")
+    print(f"report: {outcome.report_path}")
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)
