@@ -77,15 +77,21 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to $RAY_ADDRESS, or start a local Ray listening on 127.0.0.1 only."""
+    """Connect to $RAY_ADDRESS, or start a new local Ray listening on 127.0.0.1 only.
+
+    Loopback comes from the switch set in `reid_platform/__init__.py` (Ray ignores a
+    127.0.0.1 `_node_ip_address` and advertises the outward IP instead).
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return
+    # address="local": a fresh instance even if `ray start` left a cluster running (plain
+    # ray.init() would join it, and then refuse num_cpus).
     ray.init(
+        address="local",
         num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": WORKER_ENV},
