@@ -1,0 +1,1053 @@
+"""Sharded, durable FAISS gallery index.
+
+The gallery is split into `num_shards` shards; an item lives in shard
+`crc32(id) % num_shards`, so a given id always lands in the same shard and a Serve deployment
+can open only its own shard (`open_shard`). The ingress fans a query out to every shard and
+merges the per-shard top-k with `merge_topk`.
+
+On-disk layout::
+
+    index_dir/
+      manifest.json          # format_version, dim, metric, index_type, num_shards, shard_hash,
+                             # counts (as of the last ShardedIndex.save), extra (user fields)
+      shard_0/
+        shard.sqlite         # source of truth: items(label, item_id, vector, metadata) + settings
+        index.faiss          # snapshot of the FAISS index (int64 labels), rebuilt/replayed from
+                             # shard.sqlite on open when it is behind, missing or corrupt
+      shard_1/ ...
+
+Durability: every add/remove is committed to SQLite (WAL journal, synchronous=FULL, so the
+commit is fsynced) before the call returns and before the in-memory FAISS index changes. The
+FAISS file is only a snapshot, written by `save()` to a temporary file, fsynced and moved into
+place with `os.replace`, so a crash leaves either the old or the new snapshot, never half of one.
+
+Every stored vector gets a fresh int64 *label* (the id FAISS sees). Labels are never reused, an
+upsert gets a new label, so the set of labels is a complete version of the shard: on open, labels
+in the snapshot but not in the db were removed since the snapshot, labels in the db but not in
+the snapshot were added since, and replaying the difference brings the snapshot up to date. The
+db keeps the float32 vectors and the trained (empty) index, so a shard can be rebuilt exactly.
+IVF indexes store the labels in their inverted lists; every other type is wrapped in
+IndexIDMap2 (not IVF: its remove_ids reorders the lists, which breaks IndexIDMap).
+
+Upsert: adding an id that exists replaces its vector and metadata (the old label is removed).
+Removing an id that does not exist raises `UnknownIdError`, a KeyError (HTTP 404).
+
+Training: IVF/PQ types are trained once, on a seeded sample of the first batch added (or on what
+`ShardedIndex.train` is given), and the trained empty index is copied to every shard.
+
+GPU: when faiss-gpu sees a GPU, Flat/IVF shards search on a copy made by
+`faiss.index_cpu_to_all_gpus` (re-made lazily after writes); the CPU index stays the durable one.
+
+Concurrency: a `Shard` serialises its own calls with a lock (batch your queries). One process
+writes a shard; other processes reading it (Serve replicas) call `Shard.refresh()` to catch up.
+
+Removal: indexes that support `remove_ids` (Flat, IVF*, PQ) drop the vectors. Those that do not
+(HNSW) keep them as *tombstones*: the label is gone from the db, search over-fetches by the
+number of tombstones and filters them out, and `compact()` (run by `save()` once tombstones
+exceed a quarter of the index) rebuilds the index from the db without them.
+
+Scores: metric "ip" (the default; vectors must be L2-normalised, so score = cosine similarity)
+returns inner products; metric "l2" returns negative squared distances. Either way larger is
+better, which is what `merge_topk` relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SNAPSHOT_NAME = "index.faiss"
+DB_NAME = "shard.sqlite"
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+DEFAULT_MAX_TRAIN_VECTORS = 200_000
+# save() rebuilds an index that cannot remove_ids once this fraction of it is tombstones.
+COMPACT_TOMBSTONE_FRACTION = 0.25
+# FAISS GPU search supports k <= 2048; larger over-fetches run on the CPU copy.
+GPU_MAX_K = 2048
+_NORM_TOLERANCE = 1e-3
+_SQL_CHUNK = 900  # below SQLite's bound-parameter limit on every build
+
+# (scores (Q, k) float32 with -inf after the valid hits of each row, ids: Q lists of str)
+SearchResult = tuple[np.ndarray, list[list[str]]]
+
+
+class UnknownIdError(KeyError):
+    """An id that is not in the gallery (the service maps it to 404)."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = list(ids)
+        shown = ", ".join(repr(i) for i in self.ids[:5])
+        more = f" and {len(self.ids) - 5} more" if len(self.ids) > 5 else ""
+        super().__init__(f"unknown gallery id {shown}{more}")
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0])
+
+
+def shard_of(item_id: str, num_shards: int) -> int:
+    """Shard that holds `item_id`: crc32 of its UTF-8 bytes mod `num_shards` (stable)."""
+    return zlib.crc32(item_id.encode("utf-8")) % num_shards
+
+
+def merge_topk(results: Sequence[SearchResult], k: int | None = None) -> SearchResult:
+    """Merge per-shard top-k results into a global top-k.
+
+    Args:
+        results: one `(scores, ids)` per shard, as returned by `Shard.search`: scores (Q, k_i)
+            float32, larger is better; ids Q lists, row q holding the len(ids[q]) <= k_i valid
+            hits (scores past them are ignored).
+        k: hits to keep per query; defaults to the largest k_i.
+
+    Returns:
+        scores (Q, k') float32 with k' = min(k, most valid hits of any row), each row sorted
+        descending and padded with -inf after its valid hits; ids Q lists of the hit ids. Equal
+        scores keep the order of `results`.
+    """
+    if not results:
+        raise ValueError("merge_topk needs at least one (scores, ids) result, got none")
+    num_queries = results[0][0].shape[0]
+    blocks = []
+    for i, (scores, ids) in enumerate(results):
+        if scores.ndim != 2 or scores.shape[0] != num_queries or len(ids) != num_queries:
+            raise ValueError(
+                f"result {i}: expected scores (Q={num_queries}, k) and {num_queries} id lists, "
+                f"got scores {scores.shape} and {len(ids)} id lists"
+            )
+        valid = np.arange(scores.shape[1])[None, :] < np.array([len(r) for r in ids])[:, None]
+        blocks.append(np.where(valid, scores, -np.inf).astype(np.float32))
+    if k is None:
+        k = max(scores.shape[1] for scores, _ in results)
+    _check_k(k)
+    all_scores = np.concatenate(blocks, axis=1)  # (Q, sum k_i)
+    order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]  # (Q, min(k, sum k_i))
+    top = np.take_along_axis(all_scores, order, axis=1)
+    num_valid = np.isfinite(top).sum(axis=1)  # (Q,)
+    width = int(num_valid.max(initial=0))
+    merged_ids = []
+    for q in range(num_queries):
+        # Row q of every block padded to the block's width, so `order` indexes it directly.
+        flat: list[str | None] = []
+        for (_, ids), block in zip(results, blocks):
+            flat.extend(ids[q])
+            flat.extend([None] * (block.shape[1] - len(ids[q])))
+        merged_ids.append([flat[j] for j in order[q, : num_valid[q]]])
+    return np.ascontiguousarray(top[:, :width]), merged_ids
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check `index_dir/manifest.json`.
+
+    Returns:
+        The manifest: format_version, dim, metric, index_type, num_shards, shard_hash, counts
+        (per shard, as of the last `ShardedIndex.save`), extra (user fields).
+    """
+    path = Path(index_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no index manifest at {path}; create one with ShardedIndex.create")
+    manifest = json.loads(path.read_text())
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+class Shard:
+    """One shard: a FAISS index in memory over a SQLite db on disk. Thread-safe.
+
+    Open with `open_shard(index_dir, shard_id)`; `ShardedIndex` holds one per shard.
+    """
+
+    def __init__(self, shard_dir: Path, use_gpu: bool | None = None):
+        self.shard_dir = shard_dir
+        self._lock = threading.RLock()
+        self._db = _connect(shard_dir / DB_NAME)
+        settings = dict(self._db.execute("SELECT key, value FROM settings"))
+        self.shard_id = int(settings["shard_id"])
+        self.num_shards = int(settings["num_shards"])
+        self.dim = int(settings["dim"])
+        self.metric = str(settings["metric"])
+        self.index_type = str(settings["index_type"])
+        self._next_label = int(settings["next_label"])
+        self._template: bytes = settings["template"]  # serialised empty index, trained if needed
+        self._label_to_id: dict[int, str] = dict(
+            self._db.execute("SELECT label, item_id FROM items")
+        )
+        self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
+        self._search_params: dict[str, int] = {}
+        self._use_gpu = _gpu_available() if use_gpu is None else use_gpu
+        self._gpu_index: faiss.Index | None = None
+        try:
+            self._index = self._load_snapshot()
+        except Exception:
+            self._db.close()
+            raise
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def count(self) -> int:
+        """Number of live items in the shard."""
+        return len(self._label_to_id)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._id_to_label
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    @property
+    def num_tombstones(self) -> int:
+        """Removed vectors still inside an index without `remove_ids` (HNSW)."""
+        return int(self._index.ntotal) - self.count
+
+    # ---------------------------------------------------------------- writes
+    def add(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Add items, replacing the vector and metadata of ids already present (upsert).
+
+        The write is committed and fsynced to the shard db before this returns. An untrained
+        shard (IVF/PQ opened on its own) is first trained on `vectors`.
+
+        Args:
+            ids: N unique string ids; all must belong to this shard (`shard_of`).
+            vectors: (N, dim) float32, L2-normalised when the metric is "ip".
+            metadata: N JSON-serialisable dicts (path, pid, camid, ...); None stores {}.
+        """
+        ids, vectors, rows_meta = _check_items(ids, vectors, metadata, self.dim, self.metric)
+        foreign = [i for i in ids if shard_of(i, self.num_shards) != self.shard_id]
+        if foreign:
+            raise ValueError(
+                f"id {foreign[0]!r} belongs to shard {shard_of(foreign[0], self.num_shards)}, "
+                f"not shard {self.shard_id} ({len(foreign)} such ids)"
+            )
+        if not ids:
+            return
+        with self._lock:
+            if not self.is_trained:
+                self.install_template(train_template(self.index_type, self.metric, vectors))
+            replaced = [self._id_to_label[i] for i in ids if i in self._id_to_label]
+            labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
+            with self._db:  # one transaction: all of it is on disk, or none of it
+                self._db.executemany(
+                    "DELETE FROM items WHERE item_id = ?", [(i,) for i in ids if i in self]
+                )
+                self._db.executemany(
+                    "INSERT INTO items (label, item_id, vector, metadata) VALUES (?, ?, ?, ?)",
+                    [
+                        (int(label), item_id, vec.tobytes(), meta)
+                        for label, item_id, vec, meta in zip(labels, ids, vectors, rows_meta)
+                    ],
+                )
+                self._set_setting("next_label", int(labels[-1]) + 1)
+            self._next_label = int(labels[-1]) + 1
+            self._drop_labels(replaced)
+            for label in replaced:
+                del self._label_to_id[label]
+            self._index.add_with_ids(vectors, labels)
+            for label, item_id in zip(labels.tolist(), ids):
+                self._label_to_id[label] = item_id
+                self._id_to_label[item_id] = label
+            self._gpu_index = None
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove items by id; durable before it returns.
+
+        Raises:
+            UnknownIdError: (a KeyError) if any id is not in the shard; nothing is removed then.
+
+        Returns:
+            Number of items removed (duplicates in `ids` count once).
+        """
+        ids = list(dict.fromkeys(_check_ids(ids)))
+        with self._lock:
+            unknown = [i for i in ids if i not in self]
+            if unknown:
+                raise UnknownIdError(unknown)
+            labels = [self._id_to_label[i] for i in ids]
+            with self._db:
+                self._db.executemany("DELETE FROM items WHERE label = ?", [(x,) for x in labels])
+            self._drop_labels(labels)
+            for label, item_id in zip(labels, ids):
+                del self._label_to_id[label]
+                del self._id_to_label[item_id]
+            self._gpu_index = None
+            return len(ids)
+
+    def install_template(self, template: bytes) -> None:
+        """Use `template` (a serialised, trained, empty index from `train_template`) for an
+        empty shard. `ShardedIndex.train` installs one template, trained once, in every shard."""
+        with self._lock:
+            if self._index.ntotal > 0:
+                raise ValueError(f"shard {self.shard_id} holds vectors; cannot replace its index")
+            index = _deserialize(template)
+            if index.d != self.dim:
+                raise ValueError(f"template dim {index.d} != shard {self.shard_id} dim {self.dim}")
+            with self._db:
+                self._set_setting("template", template)
+            self._template = template
+            self._index = index
+            self._apply_search_params(self._index)
+            self._gpu_index = None
+
+    def save(self) -> None:
+        """Write the FAISS snapshot atomically (compacting tombstones first when they exceed
+        COMPACT_TOMBSTONE_FRACTION of the index). Items are already durable without it; saving
+        only makes the next open faster."""
+        with self._lock:
+            if self.num_tombstones > COMPACT_TOMBSTONE_FRACTION * max(self._index.ntotal, 1):
+                self.compact()
+            _atomic_write_index(self._index, self.shard_dir / SNAPSHOT_NAME)
+
+    def compact(self) -> None:
+        """Rebuild the in-memory index from the db (drops tombstones)."""
+        with self._lock:
+            self._index = self._rebuild()
+            self._gpu_index = None
+
+    def close(self) -> None:
+        """Close the db connection (the in-memory index is dropped with the object)."""
+        self._db.close()
+
+    # ---------------------------------------------------------------- reads
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Top-k gallery items for each query.
+
+        Args:
+            queries: (Q, dim) float32 embeddings (L2-normalised for metric "ip").
+            k: hits per query, >= 1. Fewer come back when the shard holds fewer items (or an
+                approximate index finds fewer); no -1 padding is returned.
+
+        Returns:
+            scores (Q, k') float32, larger is better, rows sorted descending and -inf after each
+            row's valid hits, k' = min(k, most hits of any row); ids: Q lists of item ids,
+            row q holding its len(ids[q]) valid hits.
+        """
+        queries = _as_matrix(queries, self.dim, "queries")
+        _check_k(k)
+        with self._lock:
+            if self.count == 0:
+                return np.empty((len(queries), 0), np.float32), [[] for _ in queries]
+            # Tombstones can fill the top of a row, so fetch past them and filter.
+            fetch = min(k + self.num_tombstones, int(self._index.ntotal))
+            distances, labels = self._searcher(fetch).search(queries, fetch)  # (Q, fetch) each
+            scores = -distances if self.metric == "l2" else distances
+            rows_scores, rows_ids = [], []
+            for row_scores, row_labels in zip(scores, labels):
+                keep = [j for j, x in enumerate(row_labels.tolist()) if x in self._label_to_id][:k]
+                rows_scores.append(row_scores[keep])
+                rows_ids.append([self._label_to_id[int(row_labels[j])] for j in keep])
+        width = max((len(r) for r in rows_ids), default=0)
+        out = np.full((len(queries), width), -np.inf, dtype=np.float32)
+        for q, row in enumerate(rows_scores):
+            out[q, : len(row)] = row
+        return out, rows_ids
+
+    def get_metadata(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Metadata dicts of `ids`, in order. Raises UnknownIdError for ids not in the shard."""
+        ids = _check_ids(ids)
+        with self._lock:
+            found: dict[str, str] = {}
+            unique = list(dict.fromkeys(ids))
+            for start in range(0, len(unique), _SQL_CHUNK):
+                chunk = unique[start : start + _SQL_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    self._db.execute(
+                        f"SELECT item_id, metadata FROM items WHERE item_id IN ({marks})", chunk
+                    )
+                )
+        unknown = [i for i in unique if i not in found]
+        if unknown:
+            raise UnknownIdError(unknown)
+        return [json.loads(found[i]) for i in ids]
+
+    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors of `ids`: (N, dim) float32. Raises UnknownIdError for unknown ids."""
+        ids = _check_ids(ids)
+        with self._lock:
+            unknown = [i for i in ids if i not in self]
+            if unknown:
+                raise UnknownIdError(unknown)
+            labels = [self._id_to_label[i] for i in ids]
+            by_label = dict(self._iter_vectors(labels))
+        if not labels:
+            return np.empty((0, self.dim), np.float32)
+        return np.stack([by_label[x] for x in labels])
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set search-time accuracy/speed knobs; None leaves a knob unchanged.
+
+        Args:
+            nprobe: IVF lists visited per query (IVF index types).
+            ef_search: HNSW candidate list size (HNSW index types).
+        """
+        params = {"nprobe": nprobe, "efSearch": ef_search}
+        with self._lock:
+            for name, value in params.items():
+                if value is None:
+                    continue
+                if int(value) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {value}")
+                try:
+                    faiss.ParameterSpace().set_index_parameter(self._index, name, int(value))
+                except RuntimeError:
+                    raise ValueError(
+                        f"index_type {self.index_type!r} has no search parameter {name!r}"
+                    ) from None
+                self._search_params[name] = int(value)
+            self._gpu_index = None
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and settings of this shard."""
+        return {
+            "shard_id": self.shard_id,
+            "count": self.count,
+            "ntotal": int(self._index.ntotal),
+            "tombstones": self.num_tombstones,
+            "is_trained": self.is_trained,
+            "search_params": dict(self._search_params),
+            "gpu": self._use_gpu,
+        }
+
+    def refresh(self) -> None:
+        """Catch up with writes made to the db by another process (e.g. another replica)."""
+        with self._lock:
+            self._label_to_id = dict(self._db.execute("SELECT label, item_id FROM items"))
+            self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
+            settings = dict(self._db.execute("SELECT key, value FROM settings"))
+            self._next_label = int(settings["next_label"])
+            if settings["template"] != self._template and self._index.ntotal == 0:
+                self._template = settings["template"]
+                self._index = _deserialize(self._template)
+            self._reconcile(self._index)
+            self._apply_search_params(self._index)
+            self._gpu_index = None
+
+    # ---------------------------------------------------------------- internals
+    def _set_setting(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    def _drop_labels(self, labels: Sequence[int]) -> None:
+        """Remove labels from the FAISS index, or leave them as tombstones if it cannot."""
+        _remove_or_tombstone(self._index, labels)
+
+    def _iter_vectors(self, labels: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray]]:
+        """(label, (dim,) float32 vector) for `labels`, or for every item in label order."""
+        if labels is None:
+            cursor = self._db.execute("SELECT label, vector FROM items ORDER BY label")
+            for label, blob in cursor:
+                yield label, np.frombuffer(blob, dtype=np.float32)
+            return
+        labels = list(labels)
+        for start in range(0, len(labels), _SQL_CHUNK):
+            chunk = labels[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT label, vector FROM items WHERE label IN ({marks}) ORDER BY label"
+            for label, blob in self._db.execute(query, chunk):
+                yield label, np.frombuffer(blob, dtype=np.float32)
+
+    def _add_from_db(self, index: faiss.Index, labels: Sequence[int] | None) -> int:
+        """Add stored vectors (all when `labels` is None) to `index` in batches."""
+        added = 0
+        batch: list[tuple[int, np.ndarray]] = []
+        for item in self._iter_vectors(labels):
+            batch.append(item)
+            if len(batch) == 65_536:
+                added += _add_batch(index, batch)
+                batch = []
+        return added + _add_batch(index, batch)
+
+    def _rebuild(self) -> faiss.Index:
+        index = _deserialize(self._template)
+        if self.count and not index.is_trained:
+            raise ValueError(f"shard {self.shard_id}: db holds items but no trained index")
+        self._add_from_db(index, None)
+        self._apply_search_params(index)
+        return index
+
+    def _load_snapshot(self) -> faiss.Index:
+        """The snapshot brought up to date with the db, or an index rebuilt from the db."""
+        path = self.shard_dir / SNAPSHOT_NAME
+        if not path.exists():
+            if self.count:
+                logger.warning("%s missing; rebuilding shard from the db", path)
+            return self._rebuild()
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:  # missing, truncated or corrupt snapshot
+            logger.warning("%s unreadable (%s); rebuilding shard from the db", path, err)
+            return self._rebuild()
+        template = _deserialize(self._template)
+        if (
+            type(index) is not type(template)
+            or index.d != self.dim
+            or (template.is_trained and not index.is_trained)
+        ):
+            logger.warning("%s does not match the shard db; rebuilding from the db", path)
+            return self._rebuild()
+        self._reconcile(index)
+        self._apply_search_params(index)
+        return index
+
+    def _reconcile(self, index: faiss.Index) -> None:
+        """Replay the db onto a snapshot: drop labels removed since, add labels added since."""
+        in_index = set(_labels_in(index).tolist())
+        stale = sorted(in_index.difference(self._label_to_id))
+        missing = sorted(set(self._label_to_id).difference(in_index))
+        _remove_or_tombstone(index, stale)
+        if missing:
+            self._add_from_db(index, missing)
+        if stale or missing:
+            logger.info(
+                "shard %d: snapshot was behind the db by %d adds and %d removes; replayed",
+                self.shard_id,
+                len(missing),
+                len(stale),
+            )
+
+    def _apply_search_params(self, index: faiss.Index) -> None:
+        for name, value in self._search_params.items():
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+    def _searcher(self, k: int) -> faiss.Index:
+        """GPU copy of the index when GPUs are present and the index type supports it."""
+        if not self._use_gpu or k > GPU_MAX_K:
+            return self._index
+        if self._gpu_index is None:
+            try:
+                self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                for name, value in self._search_params.items():
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, name, value)
+            except (RuntimeError, AttributeError) as err:  # e.g. HNSW has no GPU version
+                logger.info("shard %d searches on CPU: %s", self.shard_id, err)
+                self._use_gpu = False
+                return self._index
+        return self._gpu_index
+
+
+def train_template(
+    index_type: str,
+    metric: str,
+    vectors: np.ndarray,
+    max_train_vectors: int = DEFAULT_MAX_TRAIN_VECTORS,
+    seed: int = 0,
+) -> bytes:
+    """Build an empty index (see `_new_index`) and train it (if it needs training).
+
+    Args:
+        index_type: FAISS factory string ("Flat", "IVF1024,PQ32", "HNSW32", ...). A PQ spec
+            trains polysemous codes unless it ends in "np" ("IVF1024,PQ32np"), which is slow.
+        metric: "ip" or "l2".
+        vectors: (N, dim) float32 training vectors; a seeded random sample of at most
+            `max_train_vectors` of them is used.
+
+    Returns:
+        The serialised empty index, ready for `Shard.install_template`.
+
+    Raises:
+        ValueError: if N is too small to train `index_type` (names the count that is needed).
+    """
+    index = _new_index(index_type, metric, vectors.shape[1])
+    if not index.is_trained:
+        needed = _min_training_vectors(index)
+        if len(vectors) < needed:
+            raise ValueError(
+                f"index_type {index_type!r} needs at least {needed} training vectors, got "
+                f"{len(vectors)}; add more vectors in the first batch, call train() with a "
+                "larger sample, or use a smaller index (fewer IVF lists, fewer PQ bits)"
+            )
+        if len(vectors) > max_train_vectors:
+            rng = np.random.default_rng(seed)
+            vectors = vectors[np.sort(rng.choice(len(vectors), max_train_vectors, replace=False))]
+        try:
+            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        except RuntimeError as err:
+            raise ValueError(
+                f"cannot train index_type {index_type!r} on {len(vectors)} vectors: {err}"
+            ) from err
+    return faiss.serialize_index(index).tobytes()
+
+
+def open_shard(index_dir: str | os.PathLike, shard_id: int, use_gpu: bool | None = None) -> Shard:
+    """Open one shard of a sharded index (what a Serve shard deployment calls).
+
+    Args:
+        index_dir: directory made by `ShardedIndex.create`.
+        shard_id: 0 <= shard_id < num_shards.
+        use_gpu: search on all GPUs (Flat/IVF); None means "when faiss sees a GPU".
+    """
+    manifest = read_manifest(index_dir)
+    if not 0 <= shard_id < manifest["num_shards"]:
+        raise ValueError(
+            f"shard_id {shard_id} out of range for {index_dir} ({manifest['num_shards']} shards)"
+        )
+    shard = Shard(Path(index_dir) / f"shard_{shard_id}", use_gpu=use_gpu)
+    for field in ("dim", "metric", "index_type"):
+        if getattr(shard, field) != manifest[field]:
+            shard.close()
+            raise ValueError(
+                f"{shard.shard_dir / DB_NAME}: {field} {getattr(shard, field)!r} does not match "
+                f"{MANIFEST_NAME} ({manifest[field]!r})"
+            )
+    return shard
+
+
+class ShardedIndex:
+    """All shards of a gallery index, with writes routed by `shard_of` and merged search.
+
+    Build with `ShardedIndex.create(...)`, reopen with `ShardedIndex.open(index_dir)`.
+    """
+
+    def __init__(self, index_dir: Path, manifest: dict[str, Any], shards: list[Shard]):
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.shards = shards
+
+    @classmethod
+    def create(
+        cls,
+        index_dir: str | os.PathLike,
+        dim: int,
+        num_shards: int,
+        index_type: str = "Flat",
+        metric: str = "ip",
+        extra: Mapping[str, Any] | None = None,
+        use_gpu: bool | None = None,
+    ) -> ShardedIndex:
+        """Create an empty index on disk.
+
+        Args:
+            index_dir: new or empty directory.
+            dim: embedding dimension D.
+            num_shards: number of shards (>= 1); fixed for the life of the index.
+            index_type: FAISS factory string: "Flat", "IVF1024,PQ32", "HNSW32", "IVF256,Flat"...
+            metric: "ip" (inner product on L2-normalised vectors = cosine) or "l2".
+            extra: JSON-serialisable user fields stored in the manifest (checkpoint path, ...).
+            use_gpu: see `open_shard`.
+        """
+        index_dir = Path(index_dir)
+        if dim < 1 or num_shards < 1:
+            raise ValueError(f"dim and num_shards must be >= 1, got {dim} and {num_shards}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if (index_dir / MANIFEST_NAME).exists():
+            raise FileExistsError(f"an index already exists at {index_dir}")
+        template = faiss.serialize_index(_new_index(index_type, metric, dim)).tobytes()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dim": dim,
+            "metric": metric,
+            "index_type": index_type,
+            "num_shards": num_shards,
+            "shard_hash": "crc32(utf-8 id) % num_shards",
+            "counts": [0] * num_shards,
+            "extra": dict(extra or {}),
+        }
+        json.dumps(manifest)  # fail before writing anything if `extra` is not JSON-serialisable
+        for shard_id in range(num_shards):
+            shard_dir = index_dir / f"shard_{shard_id}"
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            db = _connect(shard_dir / DB_NAME)
+            with db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                    [
+                        ("format_version", FORMAT_VERSION),
+                        ("shard_id", shard_id),
+                        ("num_shards", num_shards),
+                        ("dim", dim),
+                        ("metric", metric),
+                        ("index_type", index_type),
+                        ("next_label", 0),
+                        ("template", template),
+                    ],
+                )
+            db.close()
+        # The manifest goes last: a directory without one is an unfinished create.
+        _atomic_write_bytes(index_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        return cls.open(index_dir, use_gpu=use_gpu)
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> ShardedIndex:
+        """Open every shard of an existing index (replaying the db onto stale snapshots)."""
+        manifest = read_manifest(index_dir)
+        shards = [open_shard(index_dir, i, use_gpu) for i in range(manifest["num_shards"])]
+        return cls(Path(index_dir), manifest, shards)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest["metric"])
+
+    @property
+    def index_type(self) -> str:
+        return str(self.manifest["index_type"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.manifest["extra"]
+
+    @property
+    def count(self) -> int:
+        return sum(shard.count for shard in self.shards)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, str) and item_id in self.shards[self._shard_of(item_id)]
+
+    @property
+    def is_trained(self) -> bool:
+        return all(shard.is_trained for shard in self.shards)
+
+    # ---------------------------------------------------------------- writes
+    def train(
+        self,
+        vectors: np.ndarray,
+        max_train_vectors: int = DEFAULT_MAX_TRAIN_VECTORS,
+        seed: int = 0,
+    ) -> None:
+        """Train the index type once on a sample of `vectors` (N, dim) and give every shard a
+        copy. `add` calls this on its first batch when needed; call it yourself to train on a
+        sample and then add in smaller batches."""
+        vectors = _as_matrix(vectors, self.dim, "vectors")
+        if any(shard.count for shard in self.shards):
+            raise ValueError(f"{self.index_dir} already holds vectors; train before the first add")
+        template = train_template(self.index_type, self.metric, vectors, max_train_vectors, seed)
+        for shard in self.shards:
+            shard.install_template(template)
+
+    def add(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Add or replace items (upsert: an existing id gets the new vector and metadata).
+
+        Each shard's part is durable on disk when this returns. On an untrained IVF/PQ index
+        the first call trains on (a sample of) `vectors`.
+
+        Args:
+            ids: N unique string ids.
+            vectors: (N, dim) float32, L2-normalised for metric "ip".
+            metadata: N JSON-serialisable dicts; None stores {}.
+        """
+        ids, vectors, _ = _check_items(ids, vectors, metadata, self.dim, self.metric)
+        metadata = [{}] * len(ids) if metadata is None else list(metadata)
+        if not self.is_trained and ids:
+            self.train(vectors)
+        for shard_id, rows in self._group_by_shard(ids).items():
+            self.shards[shard_id].add(
+                [ids[r] for r in rows], vectors[rows], [metadata[r] for r in rows]
+            )
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove items by id. Raises UnknownIdError (a KeyError) naming unknown ids, before
+        removing anything. Returns the number removed."""
+        ids = list(dict.fromkeys(_check_ids(ids)))
+        unknown = [i for i in ids if i not in self]
+        if unknown:
+            raise UnknownIdError(unknown)
+        groups = self._group_by_shard(ids)
+        return sum(self.shards[s].remove([ids[r] for r in rows]) for s, rows in groups.items())
+
+    def save(self) -> None:
+        """Snapshot every shard's FAISS index and update the manifest counts (atomically)."""
+        for shard in self.shards:
+            shard.save()
+        self.manifest["counts"] = [shard.count for shard in self.shards]
+        body = json.dumps(self.manifest, indent=2).encode()
+        _atomic_write_bytes(self.index_dir / MANIFEST_NAME, body)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- reads
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Global top-k over all shards: each shard's top-k merged by `merge_topk`.
+
+        Args:
+            queries: (Q, dim) float32.
+            k: hits per query, >= 1.
+
+        Returns:
+            As `Shard.search`: scores (Q, k') float32 descending (-inf after each row's hits),
+            ids Q lists of item ids.
+        """
+        queries = _as_matrix(queries, self.dim, "queries")
+        _check_k(k)
+        return merge_topk([shard.search(queries, k) for shard in self.shards], k)
+
+    def get_metadata(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Metadata dicts of `ids`, in order. Raises UnknownIdError for unknown ids."""
+        ids = _check_ids(ids)
+        unknown = [i for i in ids if i not in self]
+        if unknown:
+            raise UnknownIdError(unknown)
+        out: list[dict[str, Any]] = [{} for _ in ids]
+        for shard_id, rows in self._group_by_shard(ids).items():
+            found = self.shards[shard_id].get_metadata([ids[r] for r in rows])
+            for r, meta in zip(rows, found):
+                out[r] = meta
+        return out
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """`Shard.set_search_params` on every shard."""
+        for shard in self.shards:
+            shard.set_search_params(nprobe=nprobe, ef_search=ef_search)
+
+    def stats(self) -> dict[str, Any]:
+        """Index settings, live counts (total and per shard), tombstones, search params."""
+        return {
+            "index_dir": str(self.index_dir),
+            "dim": self.dim,
+            "metric": self.metric,
+            "index_type": self.index_type,
+            "num_shards": self.num_shards,
+            "count": self.count,
+            "is_trained": self.is_trained,
+            "shards": [shard.stats() for shard in self.shards],
+            "extra": self.extra,
+        }
+
+    def _shard_of(self, item_id: str) -> int:
+        return shard_of(item_id, self.num_shards)
+
+    def _group_by_shard(self, ids: Sequence[str]) -> dict[int, list[int]]:
+        """Row numbers of `ids` grouped by shard."""
+        groups: dict[int, list[int]] = {}
+        for row, item_id in enumerate(ids):
+            groups.setdefault(self._shard_of(item_id), []).append(row)
+        return groups
+
+
+# -------------------------------------------------------------------- helpers
+def _new_index(index_type: str, metric: str, dim: int) -> faiss.Index:
+    """Empty index that stores int64 labels and (except HNSW) supports remove_ids.
+
+    IVF indexes keep labels in their inverted lists natively. Every other type is wrapped in
+    IndexIDMap2; IVF must not be, because IVF's remove_ids reorders its lists and IndexIDMap
+    then fails an assertion ('j == index->ntotal' in IndexIDMap.cpp).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    spec = index_type.strip()
+    if spec.upper().startswith(("IDMAP,", "IDMAP2,")):
+        raise ValueError(f"index_type {index_type!r}: leave out the IDMap prefix, it is added")
+    try:
+        index = faiss.index_factory(dim, spec, METRICS[metric])
+    except RuntimeError as err:
+        raise ValueError(f"index_type {index_type!r} is not a FAISS factory string: {err}") from err
+    if _find_ivf(index) is not None:
+        return index
+    return faiss.index_factory(dim, f"IDMap2,{spec}", METRICS[metric])
+
+
+def _find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _labels_in(index: faiss.Index) -> np.ndarray:
+    """All int64 labels stored in an index from `_new_index` (tombstones included)."""
+    ivf = _find_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(index.id_map)
+    lists = ivf.invlists
+    sizes = [lists.list_size(i) for i in range(ivf.nlist)]
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), size).copy() for i, size in enumerate(sizes) if size
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def _min_training_vectors(index: faiss.Index) -> int:
+    """Fewest training vectors FAISS accepts: one per IVF list, one per PQ centroid."""
+    ivf = _find_ivf(index)
+    if ivf is not None:
+        return max(int(ivf.nlist), int(ivf.pq.ksub) if hasattr(ivf, "pq") else 1)
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return int(inner.pq.ksub) if hasattr(inner, "pq") else 1
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _as_matrix(x: np.ndarray, dim: int, name: str) -> np.ndarray:
+    """`x` as a C-contiguous (N, dim) float32 array of finite values."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, {dim}), got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {arr.shape[1]}, the index expects {dim}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise ValueError(f"{name} contain NaN or inf (first at row {row})")
+    return arr
+
+
+def _check_ids(ids: Sequence[str]) -> list[str]:
+    if isinstance(ids, str):
+        raise TypeError(f"ids must be a sequence of strings, got the string {ids!r}")
+    ids = list(ids)
+    for pos, item_id in enumerate(ids):
+        if not isinstance(item_id, str) or not item_id:
+            raise TypeError(f"ids must be non-empty strings, got {item_id!r} at position {pos}")
+    return ids
+
+
+def _check_items(
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    metadata: Sequence[Mapping[str, Any]] | None,
+    dim: int,
+    metric: str,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Validated ids, (N, dim) float32 vectors and metadata as JSON strings."""
+    ids = _check_ids(ids)
+    vectors = _as_matrix(vectors, dim, "vectors")
+    if len(ids) != len(vectors):
+        raise ValueError(f"got {len(ids)} ids but {len(vectors)} vectors")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"duplicate id {dup!r} in one add() call")
+    if metric == "ip" and len(vectors):
+        norms = np.linalg.norm(vectors, axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
+        if bad.size:
+            raise ValueError(
+                f"vectors must be L2-normalised for metric 'ip': id {ids[bad[0]]!r} has norm "
+                f"{norms[bad[0]]:.4f} ({bad.size} such rows)"
+            )
+    if metadata is None:
+        return ids, vectors, ["{}"] * len(ids)
+    metadata = list(metadata)
+    if len(metadata) != len(ids):
+        raise ValueError(f"got {len(ids)} ids but {len(metadata)} metadata dicts")
+    rows = []
+    for item_id, meta in zip(ids, metadata):
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"metadata of id {item_id!r} must be a dict, got {type(meta).__name__}")
+        try:
+            rows.append(json.dumps(dict(meta), allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"metadata of id {item_id!r} is not JSON-serialisable: {err}") from err
+    return ids, vectors, rows
+
+
+def _remove_or_tombstone(index: faiss.Index, labels: Sequence[int]) -> None:
+    """index.remove_ids(labels), or nothing where the index type cannot remove (HNSW): the
+    labels are gone from the db and the shard's label map, so search skips them (tombstones)."""
+    if not labels:
+        return
+    try:
+        index.remove_ids(np.asarray(labels, dtype=np.int64))
+    except RuntimeError as err:
+        if "not implemented" not in str(err):
+            raise
+
+
+def _add_batch(index: faiss.Index, batch: list[tuple[int, np.ndarray]]) -> int:
+    if not batch:
+        return 0
+    labels = np.fromiter((label for label, _ in batch), dtype=np.int64, count=len(batch))
+    index.add_with_ids(np.stack([vec for _, vec in batch]), labels)
+    return len(batch)
+
+
+def _deserialize(blob: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Shard db with a WAL journal fsynced on every commit (a write is durable when acked)."""
+    db = sqlite3.connect(path, check_same_thread=False)  # Shard serialises access with a lock
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value NOT NULL)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS items ("
+        " label INTEGER PRIMARY KEY,"  # int64 id inside FAISS, never reused
+        " item_id TEXT NOT NULL UNIQUE,"
+        " vector BLOB NOT NULL,"  # (dim,) float32, native byte order
+        " metadata TEXT NOT NULL)"  # JSON object
+    )
+    db.commit()
+    return db
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a fsynced temp file and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_index(index: faiss.Index, path: Path) -> None:
+    """faiss.write_index to a fsynced temp file, then os.replace (no half-written snapshot)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
