@@ -222,11 +222,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
             scaler.step(optimizer)
             if center_optimizer is not None:
-                # undo the loss weight on the centres' gradient (BoT): they learn at center_lr
-                for param in criterion.center.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(1.0 / (config.loss.center_weight * scaler.get_scale()))
-                center_optimizer.step()
+                # undo the loss weight (BoT: centres learn at center_lr whatever the weight)
+                # and the AMP loss scale; skip the step when AMP found inf/NaN gradients
+                grads = [p.grad for p in criterion.center.parameters() if p.grad is not None]
+                if all(torch.isfinite(g).all() for g in grads):
+                    for grad in grads:
+                        grad.mul_(1.0 / (config.loss.center_weight * scaler.get_scale()))
+                    center_optimizer.step()
             scaler.update()
             sums["loss"] = sums.get("loss", 0.0) + float(losses.total.detach())
             for name, value in losses.terms.items():
