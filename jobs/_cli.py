@@ -13,15 +13,38 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from reid_platform.config import Config, ConfigError, load_config  # noqa: E402
 
+# What `--smoke-test` shrinks in every training-based job: a few tiny batches, small images.
+SMOKE_OVERRIDES = {
+    "train.epochs": 1,
+    "train.batches_per_epoch": 2,
+    "train.warmup_epochs": 0,
+    "train.swa_epochs": 0,
+    "train.eval_every": 1,
+    "train.num_workers": 2,
+    "train.cpus_per_worker": 1.0,
+    "data.num_ids_per_batch": 4,
+    "data.num_instances": 2,
+    "data.height": 64,
+    "data.width": 32,
+    "data.loader_workers": 0,
+    "data.eval_batch_size": 32,
+}
+
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in demo)")
     parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
         help="override config keys, e.g. --set train.epochs=2 data.root=/data/market",
     )
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="a tiny, fast run of the same code path")
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="a tiny, fast run of the same code path"
+    )
 
 
 def config_from_args(args: argparse.Namespace, default: str | None = None) -> Config:
@@ -36,8 +59,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.models import ModelError
 
-    return (ConfigError, DatasetError, ModelError, CheckpointError, EvaluationError,
-            FileNotFoundError)
+    return (
+        ConfigError,
+        DatasetError,
+        ModelError,
+        CheckpointError,
+        EvaluationError,
+        FileNotFoundError,
+    )
 
 
 def run_main(main) -> None:

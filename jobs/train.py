@@ -16,22 +16,6 @@ import _cli
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
-SMOKE_OVERRIDES = {
-    "train.epochs": 1,
-    "train.batches_per_epoch": 2,
-    "train.warmup_epochs": 0,
-    "train.swa_epochs": 0,
-    "train.eval_every": 1,
-    "data.num_ids_per_batch": 4,
-    "data.num_instances": 2,
-    "data.height": 64,
-    "data.width": 32,
-    "data.loader_workers": 0,
-    "data.eval_batch_size": 32,
-    "train.num_workers": 2,
-    "train.cpus_per_worker": 1.0,
-}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     config = _cli.config_from_args(args, default=str(DEMO) if DEMO.is_file() else None)
     if args.smoke_test:
-        config = config.replace(**SMOKE_OVERRIDES)
+        config = config.replace(**_cli.SMOKE_OVERRIDES)
 
     from reid_platform.training.trainer import run_training
 

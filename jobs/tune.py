@@ -21,21 +21,12 @@ import _cli
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "sweep_demo.yaml"
 
 SMOKE_OVERRIDES = {
+    **_cli.SMOKE_OVERRIDES,
     "model.backbone": "resnet18",
     "tune.num_samples": 2,
     "tune.max_concurrent": 0,
     "train.epochs": 2,
-    "train.batches_per_epoch": 2,
-    "train.warmup_epochs": 0,
-    "train.swa_epochs": 0,
-    "train.eval_every": 1,
     "train.num_workers": 1,
-    "data.num_ids_per_batch": 4,
-    "data.num_instances": 2,
-    "data.height": 64,
-    "data.width": 32,
-    "data.loader_workers": 0,
-    "data.eval_batch_size": 32,
 }
 
 
