@@ -186,6 +186,9 @@ def test_digits_training_beats_untrained(digits_tree, ray_session, workspace):
     })
     untrained = run_training(base.replace(**{"train.epochs": 0}), progress=False)
     trained = run_training(base.replace(**{"train.epochs": 4}), progress=False)
+    print(f"digits untrained mAP {untrained.metrics['mAP']:.4f} rank1 "
+          f"{untrained.metrics['rank1']:.4f}; trained mAP {trained.metrics['mAP']:.4f} "
+          f"rank1 {trained.metrics['rank1']:.4f}")
     assert untrained.metrics["mAP"] < 0.5
     assert trained.metrics["mAP"] > untrained.metrics["mAP"] + 0.15, (
         untrained.metrics, trained.metrics)
