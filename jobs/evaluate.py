@@ -73,7 +73,13 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=0,
         metavar="DIM",
-        help="PCA whitening to DIM dimensions (fitted on the gallery)",
+        help="PCA whitening to DIM dimensions",
+    )
+    parser.add_argument(
+        "--pca-fit",
+        choices=("gallery", "train"),
+        default="gallery",
+        help="features the PCA whitening is fitted on (default: gallery)",
     )
     parser.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine")
     parser.add_argument("--out", help="output folder (default: <workspace>/evaluations/<time>)")
@@ -197,6 +203,7 @@ def main() -> None:
         k1=args.k1,
         k2=args.k2,
         lambda_value=args.lambda_value,
+        pca_fit=args.pca_fit,
     )
     if args.run_id and not args.no_mlflow:
         check_mlflow_run(config, args.run_id)  # before the slow part

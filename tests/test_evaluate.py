@@ -147,6 +147,25 @@ def test_variants_match_the_steps_done_by_hand():
         assert all(0.0 <= v <= 1.0 for v in result.metrics().values())
 
 
+def test_pca_fitted_on_training_features():
+    query, gallery, labels = random_problem(seed=5)
+    train = random_problem(seed=6)[1]  # other features of the same dimension
+    model = ModelEmbeddings("m", query, gallery, pca_fit=train)
+    options = EvalOptions(pca_dim=8, pca_fit="train")
+    result = by_name(evaluate_variants([model], labels, options))["raw+pca8"]
+    pca = fit_pca_whitening(train, 8)
+    expected = evaluate_rank(
+        compute_distmat(pca.transform(query), pca.transform(gallery)),
+        labels.q_pids,
+        labels.g_pids,
+        labels.q_camids,
+        labels.g_camids,
+    )
+    assert result.metrics() == expected.as_metrics()
+    with pytest.raises(EvaluationError, match=r"--pca 99: PCA is fitted on the train features"):
+        evaluate_variants([model], labels, EvalOptions(pca_dim=99, pca_fit="train"))
+
+
 def test_skipped_queries_are_counted_by_reason():
     query, gallery, labels = random_problem(seed=4)
     labels.q_pids[0] = 99  # identity absent from the gallery

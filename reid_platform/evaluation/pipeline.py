@@ -4,7 +4,8 @@ A *variant* is one way of turning embeddings into a query-gallery distance matri
 
 - `raw`: the distance of the model's embeddings (named by the checkpoint's folder when several
   checkpoints are evaluated);
-- `+pca{D}`: PCA whitening to D dimensions, fitted on the gallery features, then L2 again;
+- `+pca{D}`: PCA whitening to D dimensions, fitted on the gallery features (or on the
+  training split's, `EvalOptions.pca_fit="train"`), then L2 again;
 - `+dba{K}`: database-side augmentation of the gallery with its top-K gallery neighbours;
 - `+qe{K}`: query expansion with the query's top-K gallery neighbours;
 - `+rerank`: k-reciprocal re-ranking (k1, k2, lambda);
@@ -55,6 +56,8 @@ from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
 
 METRIC_NAMES = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score")
 DISTANCES = ("cosine", "euclidean")
+PCA_FITS = ("gallery", "train")
+PCA_FIT_MAX_IMAGES = 20000  # training images embedded to fit PCA (an even spread of the split)
 REPORT_FILE = "report.json"
 PICTURES = {"cmc": "cmc.png", "ranked_lists": "ranked_lists.png", "embedding": "embedding.png"}
 
@@ -99,12 +102,15 @@ class EvalOptions:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    pca_fit: str = "gallery"  # or "train": fit the whitening on the training split
 
     @property
     def requested(self) -> Steps:
         return Steps(self.pca_dim, self.dba_k, self.qe_k, self.rerank)
 
-    def validate(self, num_query: int, num_gallery: int, dim: int) -> None:
+    def validate(
+        self, num_query: int, num_gallery: int, dim: int, num_fit: int | None = None
+    ) -> None:
         """Check the options against the data; the message names the flag.
 
         Raises:
@@ -112,10 +118,13 @@ class EvalOptions:
         """
         if self.distance not in DISTANCES:
             raise EvaluationError(f"--distance {self.distance!r}: choose one of {DISTANCES}")
-        if self.pca_dim < 0 or self.pca_dim > min(num_gallery, dim):
+        if self.pca_fit not in PCA_FITS:
+            raise EvaluationError(f"--pca-fit {self.pca_fit!r}: choose one of {PCA_FITS}")
+        fit_count = num_gallery if num_fit is None else num_fit
+        if self.pca_dim < 0 or self.pca_dim > min(fit_count, dim):
             raise EvaluationError(
-                f"--pca {self.pca_dim}: PCA is fitted on the gallery, so DIM must be in "
-                f"[1, min(num_gallery={num_gallery}, feature dim={dim})]"
+                f"--pca {self.pca_dim}: PCA is fitted on the {self.pca_fit} features, so DIM "
+                f"must be in [1, min({self.pca_fit} images={fit_count}, feature dim={dim})]"
             )
         if self.qe_k < 0 or self.qe_k > num_gallery:
             raise EvaluationError(f"--qe {self.qe_k}: K must be in [1, {num_gallery}] (gallery)")
@@ -184,6 +193,7 @@ class ModelEmbeddings:
     checkpoint: str = ""
     epoch: int | None = None
     embed_seconds: float = 0.0
+    pca_fit: np.ndarray | None = None  # (T, D) features PCA is fitted on, if not the gallery
 
 
 @dataclass
@@ -334,19 +344,20 @@ def ensemble_distance(
 
 
 def postprocess_features(
-    query: np.ndarray, gallery: np.ndarray, steps: Steps
+    query: np.ndarray, gallery: np.ndarray, steps: Steps, pca_fit: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply PCA whitening (fitted on the gallery), DBA and QE, in that order.
+    """Apply PCA whitening, DBA and QE, in that order.
 
     Args:
         query: (N, D) L2-normalised features.
         gallery: (M, D) L2-normalised features.
+        pca_fit: (T, D) features to fit the PCA whitening on; None = the gallery.
 
     Returns:
         (query, gallery) as (N, D') and (M, D') float32, L2-normalised (D' = pca_dim or D).
     """
     if steps.pca_dim:
-        pca = fit_pca_whitening(gallery, steps.pca_dim)
+        pca = fit_pca_whitening(gallery if pca_fit is None else pca_fit, steps.pca_dim)
         query, gallery = pca.transform(query), pca.transform(gallery)
     if steps.dba_k:
         gallery = database_augmentation(gallery, steps.dba_k)
@@ -367,7 +378,8 @@ def variant_distance(
     steps, metric = variant.steps, options.distance
     rerank = {"k1": options.k1, "k2": options.k2, "lambda_value": options.lambda_value}
     feats = [
-        postprocess_features(models[i].query, models[i].gallery, steps) for i in variant.models
+        postprocess_features(models[i].query, models[i].gallery, steps, models[i].pca_fit)
+        for i in variant.models
     ]
     if len(feats) == 1 and steps.rerank:
         return rerank_features(*feats[0], metric=metric, **rerank)
@@ -426,7 +438,8 @@ def evaluate_variants(
     _check_shapes(models, labels)
     stats = count_valid_queries(labels)
     dim = min(m.query.shape[1] for m in models)
-    options.validate(len(labels.q_pids), len(labels.g_pids), dim)
+    fits = [len(m.pca_fit) for m in models if m.pca_fit is not None]
+    options.validate(len(labels.q_pids), len(labels.g_pids), dim, min(fits) if fits else None)
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise EvaluationError(f"model names must be unique, got {names}")
@@ -568,6 +581,7 @@ def embed_checkpoints(
     gallery: Sequence[Sample],
     device: str = "auto",
     progress: bool = True,
+    pca_fit_samples: Sequence[Sample] | None = None,
 ) -> tuple[list[ModelEmbeddings], EvalLabels, list[str]]:
     """Embed query and gallery with each checkpoint once (batched, on the GPU when present).
 
@@ -578,13 +592,14 @@ def embed_checkpoints(
         checkpoints: K checkpoints with their effective configs.
         query, gallery: the samples to embed.
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1"...
+        pca_fit_samples: also embed these (e.g. training images) to fit PCA whitening on.
 
     Returns:
         (K ModelEmbeddings, labels of the rows kept, messages of the skipped images).
     """
     torch_device = resolve_device(device)
     names = model_names([c.path for c in checkpoints])
-    embedded, skipped = [], []
+    embedded, skipped, fit_feats = [], [], []
     for index, checkpoint in enumerate(checkpoints):
         model, _ = load_model(checkpoint.path, torch_device)
         data = checkpoint.config.data
@@ -601,8 +616,14 @@ def embed_checkpoints(
         try:
             q = extract_features(model, query, desc=f"{names[index]} query", **kwargs)
             g = extract_features(model, gallery, desc=f"{names[index]} gallery", **kwargs)
+            fit = (
+                extract_features(model, pca_fit_samples, desc=f"{names[index]} pca-fit", **kwargs)
+                if pca_fit_samples
+                else None
+            )
         except ValueError as err:  # not a single image could be decoded
             raise EvaluationError(str(err)) from None
+        fit_feats.append(None if fit is None else fit.feats)
         embedded.append((q, g, time.perf_counter() - start))
         if index == 0:
             skipped = q.skipped + g.skipped
@@ -621,6 +642,7 @@ def embed_checkpoints(
             checkpoint=str(checkpoint.path),
             epoch=checkpoint.epoch,
             embed_seconds=seconds,
+            pca_fit=fit_feats[index],
         )
         for index, (checkpoint, (q, g, seconds)) in enumerate(zip(checkpoints, embedded))
     ]
@@ -707,7 +729,7 @@ def build_report(
         "options": {
             "distance": options.distance,
             "pca_dim": options.pca_dim,
-            "pca_fitted_on": "gallery",
+            "pca_fitted_on": options.pca_fit,
             "qe_k": options.qe_k,
             "dba_k": options.dba_k,
             "rerank": options.rerank,
@@ -893,8 +915,14 @@ def run_evaluation(
         )
     # Fail before the slow part when the labels alone leave nothing to evaluate.
     count_valid_queries(EvalLabels.from_samples(dataset.query, dataset.gallery))
+    fit_samples = None
+    if options.pca_dim and options.pca_fit == "train":
+        if not dataset.train:
+            raise EvaluationError("--pca-fit train: the dataset has no training split")
+        step = max(1, -(-len(dataset.train) // PCA_FIT_MAX_IMAGES))  # ceil division
+        fit_samples = dataset.train[::step]
     models, labels, skipped = embed_checkpoints(
-        checkpoints, dataset.query, dataset.gallery, device, progress
+        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples
     )
     evaluation = evaluate_variants(models, labels, options)
     out_dir.mkdir(parents=True, exist_ok=True)
