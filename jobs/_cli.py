@@ -22,6 +22,7 @@ SMOKE_OVERRIDES = {
     "train.eval_every": 1,
     "train.num_workers": 2,
     "train.cpus_per_worker": 1.0,
+    "train.use_gpu": "auto",  # GPU configs say "true"; a smoke test also runs on CPU
     "data.num_ids_per_batch": 4,
     "data.num_instances": 2,
     "data.height": 64,

@@ -31,11 +31,13 @@ def main() -> None:
     metrics = result.metrics
     nan = float("nan")
     keys = ("rank1", "mAP", "mINP", "score")
-    print("  ".join(f"{k} {metrics.get(k, nan):.4f}" for k in keys))
-    if "swa_mAP" in metrics:
+    swa = "swa_mAP" in metrics  # then the final checkpoint is the SWA-averaged model
+    line = "  ".join(f"{k} {metrics.get(k, nan):.4f}" for k in keys)
+    print(f"last epoch's model: {line}" if swa else line)
+    if swa:
         print(
-            f"SWA: rank1 {metrics['swa_rank1']:.4f}  mAP {metrics['swa_mAP']:.4f}  "
-            f"mINP {metrics['swa_mINP']:.4f}"
+            "SWA model (the checkpoint): "
+            + "  ".join(f"{k} {metrics.get('swa_' + k, nan):.4f}" for k in keys)
         )
     print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
     print(f"config: {result.config_path}")

@@ -481,7 +481,8 @@ def _trial_rows(
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        # an errored trial may have no metrics: its folder is `trial_<id>` (trial_dirname)
+        trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
         epoch = int(metrics.get("epoch", 0))
         history = result.metrics_dataframe
         best = (

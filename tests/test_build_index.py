@@ -11,6 +11,8 @@ import pytest
 
 from reid_platform.data.formats import DatasetError
 
+pytestmark = pytest.mark.slow  # Ray Data actor pools
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

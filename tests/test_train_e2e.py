@@ -142,6 +142,25 @@ def test_bad_input_is_a_clear_error(tmp_path, workspace):
     assert proc.returncode == 2
     assert "bounding_box_train: missing" in proc.stderr
 
+    # With the (default) synthetic format, a data.root holding other data is never replaced.
+    keep = tmp_path / "mine" / "precious.txt"
+    keep.parent.mkdir()
+    keep.write_text("do not delete")
+    for args, message in [
+        ([f"data.root={keep.parent}"], "refusing to overwrite it"),
+        (["model.backbone=resnet_50"], "is not a timm model; similar names"),
+        ([f"train.resume_from={tmp_path / 'nope'}"], "train.resume_from="),
+        (["train.num_workers=0"], "train.num_workers=0 must be >= 1"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "jobs/train.py", "--set", *args], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    assert keep.read_text() == "do not delete"
+
 
 @pytest.fixture(scope="module")
 def digits_tree(tmp_path_factory) -> Path:

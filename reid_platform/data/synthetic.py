@@ -885,6 +885,14 @@ def ensure_synthetic(root: str | Path, progress: bool = True, **params: Any) -> 
     wanted = {k: v for k, v in bound.arguments.items() if k not in ("root", "progress")}
     wanted["images_per_id_per_camera"] = tuple(int(v) for v in wanted["images_per_id_per_camera"])
     marker = _read_marker(root)
+    if marker is None and root.is_dir() and any(root.iterdir()):
+        # Regenerating replaces `root` entirely: never do that to data we did not write.
+        raise ValueError(
+            f"{root} is not empty and holds no synthetic dataset (no {MARKER_NAME} marker); "
+            "refusing to overwrite it. With data.format=synthetic leave data.root empty or "
+            "point it at a new folder; for a real dataset set data.format (market1501, folder, "
+            "csv)"
+        )
     if (
         marker is not None
         and marker.get("version") == GENERATOR_VERSION

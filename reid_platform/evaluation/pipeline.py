@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from reid_platform.checkpoint import load_model, read_checkpoint
-from reid_platform.config import Config
+from reid_platform.config import Config, ConfigError
 from reid_platform.data.formats import ReidDataset, Sample, load_dataset
 from reid_platform.evaluation.embed import extract_features
 from reid_platform.evaluation.metrics import (
@@ -514,33 +514,15 @@ def load_eval_dataset(config: Config) -> ReidDataset:
         DatasetError: the dataset is missing or malformed.
         EvaluationError: data.root is empty for a non-synthetic format.
     """
-    data = config.data
-    root = data.root
-    if data.format == "synthetic" and not root:
-        from reid_platform.data.synthetic import ensure_synthetic
+    from reid_platform.training.trainer import resolve_data_root
 
-        # Same location as training's `prepare_data`, so the set is generated only once.
-        s = data.synthetic
-        root = str(
-            config.workspace_dir / "data" / f"synthetic-{s.num_train_ids}-{s.num_test_ids}-"
-            f"{s.num_cameras}-{s.height}x{s.width}-seed{s.seed}"
-        )
-        ensure_synthetic(
-            root,
-            num_train_ids=s.num_train_ids,
-            num_test_ids=s.num_test_ids,
-            num_cameras=s.num_cameras,
-            height=s.height,
-            width=s.width,
-            seed=s.seed,
-            progress=False,
-        )
-    elif not root:
-        raise EvaluationError(
-            f"data.root is empty; data.format={data.format} needs a dataset path "
-            "(--set data.root=...)"
-        )
-    return load_dataset(root, data.format, data.test_fraction)
+    # The same resolution as training's, so a synthetic set is found (or generated) once.
+    try:
+        config = resolve_data_root(config, progress=False)
+    except ConfigError as err:
+        raise EvaluationError(str(err)) from None
+    data = config.data
+    return load_dataset(data.root, data.format, data.test_fraction)
 
 
 def limit_dataset(dataset: ReidDataset, max_query: int, max_gallery: int) -> ReidDataset:

@@ -107,15 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"resume checkpoint was trained on {state['num_classes']} identities, this data "
                 f"has {num_classes}: resume only on the same training set"
             )
-        model.load_state_dict(state["model_state"])
-        training_state = state.get("training_state") or {}
-        if "optimizer" in training_state:
-            optimizer.load_state_dict(training_state["optimizer"])
-        if center_optimizer is not None and "center" in training_state:
-            criterion.center.load_state_dict(training_state["center"])
-            center_optimizer.load_state_dict(training_state["center_optimizer"])
-        if swa_model is not None and "swa" in training_state:
-            swa_model.load_state_dict(training_state["swa"])
+        model.load_state_dict(state["model_state"])  # before DDP, which broadcasts rank 0's
         start_epoch = int(state["epoch"])
         if is_main:
             print(f"[train] resuming after epoch {start_epoch}", flush=True)
@@ -124,6 +116,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     criterion.to(device)
     if swa_model is not None:
         swa_model.to(device)
+    if state is not None:
+        # Optimizer states after the move: load_state_dict puts them on the params' device.
+        training_state = state.get("training_state") or {}
+        if "optimizer" in training_state:
+            optimizer.load_state_dict(training_state["optimizer"])
+        if center_optimizer is not None and "center" in training_state:
+            criterion.center.load_state_dict(training_state["center"])
+            center_optimizer.load_state_dict(training_state["center_optimizer"])
+        if swa_model is not None and "swa" in training_state:
+            swa_model.load_state_dict(training_state["swa"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
 
     data = config.data
@@ -161,7 +163,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                          Path(tmp) / f"{prefix}cmc.png"), "plots")
         return metrics
 
-    def report(epoch: int, metrics: dict[str, float], net: torch.nn.Module) -> None:
+    def report(epoch: int, metrics: dict[str, float], net: torch.nn.Module,
+               score_key: str = "score") -> None:
+        """Every rank reports; rank 0 logs, checkpoints `net`, keeps the best by `score_key`."""
         nonlocal best_score
         if not is_main:
             ray.train.report(metrics)
@@ -175,8 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             training_state["swa"] = swa_model.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, net, config, epoch, metrics, training_state)
-            if "score" in metrics and metrics["score"] > best_score:
-                best_score = metrics["score"]
+            if score_key in metrics and metrics[score_key] > best_score:
+                best_score = metrics[score_key]
                 save_checkpoint(best_dir, net, config, epoch, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -191,6 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
+        iters_per_epoch = max(len(sampler), 1)  # PK batch counts vary a little per epoch
         model.train()
         epoch_start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -225,6 +230,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # undo the loss weight (BoT: centres learn at center_lr whatever the weight)
                 # and the AMP loss scale; skip the step when AMP found inf/NaN gradients
                 grads = [p.grad for p in criterion.center.parameters() if p.grad is not None]
+                if world > 1:  # the centres are not in DDP: average their gradients by hand
+                    for grad in grads:
+                        torch.distributed.all_reduce(grad)
+                        grad.div_(world)
                 if all(torch.isfinite(g).all() for g in grads):
                     for grad in grads:
                         grad.mul_(1.0 / (config.loss.center_weight * scaler.get_scale()))
@@ -278,7 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 print(f"[train] SWA model: rank1 {swa_metrics['swa_rank1']:.4f} "
                       f"mAP {swa_metrics['swa_mAP']:.4f} mINP {swa_metrics['swa_mINP']:.4f}",
                       flush=True)
-            report(epoch + 1, metrics, swa_net)
+            report(epoch + 1, metrics, swa_net, score_key="swa_score")
         else:
             report(epoch + 1, metrics, _unwrap(model))
 

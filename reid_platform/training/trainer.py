@@ -16,8 +16,9 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from reid_platform.config import Config, save_config
-from reid_platform.data.formats import ReidDataset, balance, load_dataset
+from reid_platform.checkpoint import CheckpointError, read_checkpoint
+from reid_platform.config import Config, ConfigError, save_config
+from reid_platform.data.formats import DatasetError, ReidDataset, balance, load_dataset
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
 
@@ -41,9 +42,15 @@ class TrainingResult:
     config_path: Path
 
 
-def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDataset]:
-    """Generate the synthetic dataset if asked, validate the dataset; returns the config with
-    an absolute `data.root` (workers and `ray job` copies need absolute paths)."""
+def resolve_data_root(config: Config, progress: bool = True) -> Config:
+    """The config with an absolute `data.root`, generating the synthetic dataset if asked.
+
+    Absolute because workers, other nodes and `ray job` copies of the working dir need it.
+    Training and evaluation both call this, so they use the same synthetic tree.
+
+    Raises:
+        ConfigError: no root for a real format, or a synthetic root that holds other data.
+    """
     data = config.data
     root = data.root
     if data.format == "synthetic":
@@ -55,25 +62,78 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
                 f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
                 f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
                 f"{s.height}x{s.width}-seed{s.seed}"))
-        ensure_synthetic(
-            root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
-            num_cameras=s.num_cameras,
-            images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
-            height=s.height, width=s.width, seed=s.seed, progress=progress,
-        )
+        try:
+            ensure_synthetic(
+                root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                num_cameras=s.num_cameras,
+                images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
+                height=s.height, width=s.width, seed=s.seed, progress=progress,
+            )
+        except ValueError as err:
+            raise ConfigError(f"data.root / data.synthetic: {err}") from None
     elif not root:
-        raise ValueError(f"data.root is empty; data.format={data.format} needs a dataset path")
-    root = str(Path(root).expanduser().resolve())
-    config = config.replace(**{"data.root": root})
-    dataset = load_dataset(root, data.format, data.test_fraction)
-    train, _ = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
-    needed = data.num_ids_per_batch
-    if len({s.pid for s in train}) < needed:
-        raise ValueError(
-            f"data.num_ids_per_batch={needed} but the training split has only "
-            f"{len({s.pid for s in train})} identities with 2+ images"
+        raise ConfigError(
+            f"data.root is empty; data.format={data.format} needs a dataset path "
+            "(--set data.root=/path/to/dataset)"
         )
+    return config.replace(**{"data.root": str(Path(root).expanduser().resolve())})
+
+
+def _absolute_file(value: str, key: str) -> str:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={value!r}: no such file or directory")
+    return str(path.resolve())
+
+
+def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDataset]:
+    """Check everything the workers will need, in the driver, with clear errors.
+
+    Resolves paths to absolute ones (data, pretrained weights, resume checkpoint), generates
+    the synthetic dataset if asked, reads and validates the dataset, the backbone name, the
+    worker count and a resume checkpoint's number of classes, so that a mistake is one clear
+    message here rather than a worker traceback retried `max_failures` times.
+    """
+    if config.train.num_workers < 1:
+        raise ConfigError(f"train.num_workers={config.train.num_workers} must be >= 1")
+    if config.train.epochs < 0:
+        raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
+    create_backbone_check(config.model.backbone)
+    overrides = {}
+    if config.model.pretrained:
+        overrides["model.pretrained"] = _absolute_file(config.model.pretrained, "model.pretrained")
+    if config.train.resume_from:
+        overrides["train.resume_from"] = _absolute_file(
+            config.train.resume_from, "train.resume_from"
+        )
+    config = resolve_data_root(config.replace(**overrides), progress)
+    data = config.data
+    dataset = load_dataset(data.root, data.format, data.test_fraction)
+    train, pid_map = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
+    needed = data.num_ids_per_batch
+    if len(pid_map) < needed:
+        raise DatasetError(
+            f"data.num_ids_per_batch={needed} but the training split of {data.root} has only "
+            f"{len(pid_map)} identities with 2+ images"
+        )
+    if config.train.resume_from:
+        trained_on = read_checkpoint(config.train.resume_from)["num_classes"]
+        if trained_on != len(pid_map):
+            raise CheckpointError(
+                f"train.resume_from={config.train.resume_from} was trained on {trained_on} "
+                f"identities, the training split of {data.root} has {len(pid_map)}: resume "
+                "only on the same training set"
+            )
     return config, dataset
+
+
+def create_backbone_check(name: str) -> None:
+    """Raise ModelError (with similar names) if `name` is not a timm model."""
+    from reid_platform.models import ModelError, timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -100,9 +160,15 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def resolve_use_gpu(config: Config) -> bool:
-    """`train.use_gpu`: "auto" means GPUs if the Ray cluster has any."""
+    """`train.use_gpu`: "auto" means GPUs when the cluster has one for every worker now (an
+    autoscaling cluster starts without GPU nodes: say "true" there)."""
     if config.train.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if 0 < gpus < config.train.num_workers:
+            print(f"[train] {gpus:g} GPU(s) for {config.train.num_workers} workers: training on "
+                  "CPU (set train.num_workers to the GPU count, or train.use_gpu=true on an "
+                  "autoscaling cluster)", flush=True)
+        return gpus >= config.train.num_workers
     return config.train.use_gpu == "true"
 
 
@@ -143,6 +209,16 @@ def build_trainer(
     )
 
 
+def local_checkpoint(checkpoint: ray.train.Checkpoint, download_to: Path) -> Path:
+    """A local directory of the checkpoint: its own path on a local filesystem, else a copy
+    downloaded from the object store (`train.storage_path: s3://...`)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(str(download_to)))
+
+
 def run_training(config: Config, progress: bool = True) -> TrainingResult:
     """Train and evaluate as configured; returns the MLflow run, final checkpoint and metrics."""
     config, dataset = prepare_data(config, progress=progress)
@@ -166,7 +242,8 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
     if result.checkpoint is None:
         logger.end("FAILED")
         raise RuntimeError("training finished without a checkpoint")
-    checkpoint = Path(result.checkpoint.path)
+    download_to = config.workspace_dir / "checkpoints" / run_name
+    checkpoint = local_checkpoint(result.checkpoint, download_to)
     logger.log_artifact(checkpoint, "checkpoints/final")
     logger.end()
     return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), config_path)
