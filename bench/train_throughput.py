@@ -81,7 +81,10 @@ def measure_loader(config) -> float:
 
 
 def measure_plain(config, threads: int) -> float:
-    """A plain PyTorch loop: no Ray, no DDP; one warm-up epoch, then one timed epoch."""
+    """A plain PyTorch loop: no Ray, no DDP; one warm-up epoch, then one timed epoch.
+
+    On a GPU machine it runs on one GPU with fp16 autocast, like one of our workers.
+    """
     import torch
 
     from reid_platform.losses import ReidLoss
@@ -89,20 +92,29 @@ def measure_plain(config, threads: int) -> float:
 
     torch.set_num_threads(threads)
     loader, sampler, num_classes = loader_and_data(config)
-    model = build_model(config.model, num_classes).train()
-    criterion = ReidLoss(config.loss, num_classes, model.embedding_dim)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    model = build_model(config.model, num_classes).train().to(device)
+    criterion = ReidLoss(config.loss, num_classes, model.embedding_dim).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     rate = 0.0
     for epoch in range(2):
         sampler.set_epoch(epoch)
         images, start = 0, time.perf_counter()
         for batch in loader:
-            out = model(batch["image"], batch["pid"])
-            loss = criterion(out.features, out.logits, batch["pid"]).total
+            images_t = batch["image"].to(device, non_blocking=True)
+            pids = batch["pid"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                out = model(images_t, pids)
+            loss = criterion(out.features, out.logits, pids).total
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             images += batch["image"].shape[0]
+        if amp:
+            torch.cuda.synchronize()
         rate = images / (time.perf_counter() - start)
     return rate
 
