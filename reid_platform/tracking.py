@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI to a tracking server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -67,6 +68,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def code_digest() -> str:
+    """SHA-256 of the package's source files: identifies the code where git cannot (a `ray job`
+    runs in a copy of the working dir without `.git`)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def start_run(
     config: Config,
     uri: str,
@@ -77,7 +89,8 @@ def start_run(
     """Create a run with the flattened config as params and standard tags; returns its id."""
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(config, uri)
-    all_tags = {"git_commit": git_commit(), "config_name": config.name}
+    all_tags = {"git_commit": git_commit(), "code_digest": code_digest(),
+                "config_name": config.name}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(tags or {})

@@ -79,6 +79,7 @@ def test_ddp_train_logs_metrics_and_resumes(tiny_market, ray_address, workspace,
     assert run.info.status == "FINISHED"
     assert run.data.params["loss.margin"] == "0.3"
     assert run.data.tags["dataset"] == data.name
+    assert len(run.data.tags["git_commit"]) == 40 and len(run.data.tags["code_digest"]) == 16
     assert run.data.metrics["eval_skipped_images"] == 1
     for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score"):
         history = client.get_metric_history(run.info.run_id, key)
