@@ -144,14 +144,21 @@ def test_ensure_synthetic_is_idempotent_and_regenerates(tmp_path: Path) -> None:
     assert marker["params"]["num_test_ids"] == 3
     assert {pid for _, pid, _ in _parse(root, "query")} == {9, 10, 11}
 
-    # A tree without a marker (e.g. an interrupted copy) is rebuilt.
+    # A non-empty folder without our marker may be someone's data: refused, left intact.
+    # (Generation renames a finished tree into place, so ours always has the marker.)
     (root / ".complete").unlink()
-    ensure_synthetic(root, **SMALL, progress=False)
-    assert (root / ".complete").exists()
+    before = snapshot()
+    with pytest.raises(ValueError, match="holds no synthetic dataset .* refusing to overwrite"):
+        ensure_synthetic(root, **SMALL, progress=False)
+    assert snapshot() == before
     assert [p.name for p in tmp_path.iterdir()] == ["cached"]
+    # An empty folder is fine to generate into.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (ensure_synthetic(empty, **SMALL, progress=False) / ".complete").exists()
 
     with pytest.raises(TypeError):
-        ensure_synthetic(root, num_people=3)
+        ensure_synthetic(empty, num_people=3)
 
 
 @pytest.mark.parametrize(
