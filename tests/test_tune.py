@@ -197,7 +197,10 @@ def test_sweep_end_to_end(ray_session, tiny_market, workspace):
         assert float(child.data.params["loss.margin"]) == pytest.approx(float(row["loss.margin"]))
         assert child.info.status == "FINISHED"
         curve = client.get_metric_history(child.info.run_id, "loss")
-        assert len(curve) == int(row["epochs"]) >= 1
+        # Workers log every epoch to MLflow themselves; a trial ASHA stops may have logged one
+        # more epoch than Tune saw before it ended the trial.
+        assert len(curve) >= int(row["epochs"]) >= 1
+        assert len(curve) <= config.train.epochs
         assert not math.isnan(child.data.metrics["score"])
 
     # running it again resumes the (finished) experiment: same best config, no new trials
