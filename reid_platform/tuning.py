@@ -497,10 +497,11 @@ def _trial_rows(
         run = run_of.get(trial_id)
         if run is not None:
             client.set_tag(run.info.run_id, "tune_status", status)
-            if run.info.status == "RUNNING":  # stopped by ASHA: its process was ended
-                client.set_terminated(
-                    run.info.run_id, "FAILED" if status == "error" else "FINISHED"
-                )
+            # A trial ASHA stops has its process ended: its run may be left RUNNING, or marked
+            # FAILED by the interrupted trial function. Early stopping is not a failure.
+            wanted = "FAILED" if status == "error" else "FINISHED"
+            if run.info.status != wanted:
+                client.set_terminated(run.info.run_id, wanted)
         row = {
             "trial_id": trial_id,
             "status": status,
