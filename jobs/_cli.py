@@ -32,6 +32,42 @@ SMOKE_OVERRIDES = {
 }
 
 
+def smoke_checkpoint(directory: Path) -> tuple[Path, Path]:
+    """A random-init tiny model (timm `test_resnet`, 64x32) and the tiny synthetic Market tree
+    its config points at, for the `--smoke-test` of jobs that need a checkpoint.
+
+    Returns:
+        (checkpoint directory, dataset root), both under `directory`.
+    """
+    from reid_platform.checkpoint import save_checkpoint
+    from reid_platform.data.synthetic import ensure_synthetic
+    from reid_platform.models import build_model
+
+    params = dict(
+        num_train_ids=12,
+        num_test_ids=8,
+        num_cameras=3,
+        num_distractors=4,
+        num_junk=2,
+        height=64,
+        width=32,
+        seed=0,
+    )
+    root = ensure_synthetic(directory / "data" / "synthetic-smoke", progress=False, **params)
+    config = Config().replace(
+        **{
+            "name": "smoke",
+            "model.backbone": "test_resnet",
+            "data.root": str(root),
+            "data.format": "market1501",
+            "data.height": 64,
+            "data.width": 32,
+        }
+    )
+    model = build_model(config.model, num_classes=params["num_train_ids"])
+    return save_checkpoint(directory / "checkpoints" / "smoke", model, config, 0), root
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in demo)")
     parser.add_argument(

@@ -73,33 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_smoke_inputs(directory: Path) -> tuple[Path, Path]:
-    """A tiny random-weight checkpoint and a small synthetic Market-1501 tree."""
-    from reid_platform.checkpoint import save_checkpoint
-    from reid_platform.config import Config
-    from reid_platform.data.synthetic import generate_market_tree
-    from reid_platform.models import build_model
-
-    config = Config().replace(
-        **{"model.backbone": "test_resnet", "data.height": 64, "data.width": 32}
-    )
-    checkpoint = save_checkpoint(
-        directory / "checkpoint", build_model(config.model, 12), config, epoch=0
-    )
-    gallery = generate_market_tree(
-        directory / "market",
-        num_train_ids=4,
-        num_test_ids=6,
-        num_cameras=2,
-        num_distractors=3,
-        num_junk=1,
-        height=64,
-        width=32,
-        progress=False,
-    )
-    return checkpoint, gallery
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from reid_platform.retrieval.gallery import IndexBuildError, build_gallery_index
@@ -112,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with scratch as tmp:
         if args.smoke_test:
-            args.checkpoint, args.gallery = make_smoke_inputs(Path(tmp))
+            args.checkpoint, args.gallery = _cli.smoke_checkpoint(Path(tmp))
             args.out = args.out or str(Path(tmp) / "index")
             args.shards = max(args.shards, 2)
         init_ray()

@@ -127,40 +127,6 @@ def effective_config(stored: Config, args: argparse.Namespace) -> Config:
     return apply_overrides(stored, overrides)
 
 
-def smoke_checkpoint(workspace: Path) -> Path:
-    """A random-init tiny model (timm `test_resnet`) on a tiny synthetic Market tree."""
-    from reid_platform.checkpoint import save_checkpoint
-    from reid_platform.config import Config
-    from reid_platform.data.synthetic import ensure_synthetic
-    from reid_platform.models import build_model
-
-    params = dict(
-        num_train_ids=12,
-        num_test_ids=8,
-        num_cameras=3,
-        num_distractors=4,
-        num_junk=2,
-        height=64,
-        width=32,
-        seed=0,
-    )
-    root = ensure_synthetic(
-        workspace / "data" / "synthetic-evaluate-smoke", progress=False, **params
-    )
-    config = Config().replace(
-        **{
-            "name": "evaluate-smoke",
-            "model.backbone": "test_resnet",
-            "data.root": str(root),
-            "data.format": "market1501",
-            "data.height": 64,
-            "data.width": 32,
-        }
-    )
-    model = build_model(config.model, num_classes=params["num_train_ids"])
-    return save_checkpoint(workspace / "checkpoints" / "evaluate-smoke", model, config, 0)
-
-
 def main() -> None:
     args = parse_args()
     from reid_platform.config import load_config
@@ -180,7 +146,8 @@ def main() -> None:
     if not paths:
         if not args.smoke_test:
             raise EvaluationError("give at least one --checkpoint (or --smoke-test)")
-        paths = [str(smoke_checkpoint(load_config(None, args.overrides).workspace_dir))]
+        workspace = load_config(None, args.overrides).workspace_dir
+        paths = [str(_cli.smoke_checkpoint(workspace)[0])]
     if args.weights is not None and len(args.weights) != len(paths):
         raise EvaluationError(
             f"--weights has {len(args.weights)} values for {len(paths)} --checkpoint"
