@@ -187,6 +187,13 @@ class ReidModel(nn.Module):
         return F.normalize(self.bnneck(self.features(images)), dim=1)
 
 
+def check_backbone(name: str) -> None:
+    """Raise ModelError, listing similar names, unless `name` is a timm model."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+
+
 def create_backbone(name: str, pretrained: str = "") -> nn.Module:
     """A timm feature extractor (`num_classes=0`), with ImageNet weights from a local file.
 
@@ -198,9 +205,7 @@ def create_backbone(name: str, pretrained: str = "") -> nn.Module:
     Raises:
         ModelError: unknown model name or missing weights file.
     """
-    if name not in timm.list_models() and not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+    check_backbone(name)
     kwargs: dict = {"num_classes": 0}
     if pretrained:
         path = Path(pretrained).expanduser()

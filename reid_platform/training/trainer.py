@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from reid_platform.checkpoint import CheckpointError, read_checkpoint
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance, load_dataset
+from reid_platform.models import check_backbone
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
 
@@ -98,7 +99,7 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
         raise ConfigError(f"train.num_workers={config.train.num_workers} must be >= 1")
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
-    create_backbone_check(config.model.backbone)
+    check_backbone(config.model.backbone)
     overrides = {}
     if config.model.pretrained:
         overrides["model.pretrained"] = _absolute_file(config.model.pretrained, "model.pretrained")
@@ -125,15 +126,6 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
                 "only on the same training set"
             )
     return config, dataset
-
-
-def create_backbone_check(name: str) -> None:
-    """Raise ModelError (with similar names) if `name` is not a timm model."""
-    from reid_platform.models import ModelError, timm
-
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
