@@ -62,6 +62,9 @@ class PKBatchSampler:
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
+        # The training loop asks len() (for the schedule) and then iterates, every epoch:
+        # draw the epoch's batches once. (epoch, batches of every rank)
+        self._drawn: tuple[int, list[list[list[int]]]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -96,6 +99,11 @@ class PKBatchSampler:
         return batches
 
     def _all_rank_batches(self) -> list[list[list[int]]]:
+        if self._drawn is None or self._drawn[0] != self.epoch:
+            self._drawn = (self.epoch, self._draw_all_rank_batches())
+        return self._drawn[1]
+
+    def _draw_all_rank_batches(self) -> list[list[list[int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         pids = rng.permutation(np.fromiter(self.index_by_pid, dtype=np.int64))
         per_rank = []
