@@ -200,7 +200,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from reid_platform.training.trainer import init_ray
+    from reid_platform.runtime import init_ray
     from serve_apps.retrieval import RetrievalArgs, build_app
 
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")

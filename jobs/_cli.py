@@ -95,6 +95,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.data.formats import DatasetError
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.models import ModelError
+    from reid_platform.runtime import DeviceError
 
     return (
         ConfigError,
@@ -102,6 +103,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ModelError,
         CheckpointError,
         EvaluationError,
+        DeviceError,
         FileNotFoundError,
     )
 

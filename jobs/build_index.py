@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from reid_platform.retrieval.gallery import IndexBuildError, build_gallery_index
-    from reid_platform.training.trainer import init_ray
+    from reid_platform.runtime import init_ray
 
     scratch = (
         tempfile.TemporaryDirectory(prefix="build-index-smoke-")

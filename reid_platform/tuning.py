@@ -36,8 +36,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm
 
 from reid_platform.config import Config, ConfigError, TuneConfig, load_config, save_config
+from reid_platform.runtime import init_ray
 from reid_platform.tracking import RunLogger, ensure_experiment, resolve_tracking_uri, start_run
-from reid_platform.training.trainer import build_trainer, init_ray, prepare_data, resolve_use_gpu
+from reid_platform.training.trainer import build_trainer, prepare_data, resolve_use_gpu
 
 # Metrics the training loop reports at every evaluation; all of them are higher-is-better.
 EVAL_METRICS = ("score", "rank1", "rank5", "rank10", "rank20", "mAP", "mINP")

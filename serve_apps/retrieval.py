@@ -50,6 +50,7 @@ from reid_platform.retrieval.index import (
     read_manifest,
     shard_of,
 )
+from reid_platform.runtime import gpus_per_actor, init_ray, resolve_device
 
 TOKEN_ENV = "REID_SERVE_TOKEN"
 DEFAULT_K = 10
@@ -111,7 +112,7 @@ class Embedder:
         from reid_platform.data.transforms import build_eval_transform
 
         self._torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto")
         self.model, config = load_model(checkpoint, self.device)
         self.transform = build_eval_transform(config.data.height, config.data.width)
         self.checkpoint = checkpoint
@@ -670,12 +671,8 @@ def build_app(args: RetrievalArgs) -> Application:
     if not ray.is_initialized():
         # `serve run module:build_app` calls the builder before ray.init: start the same
         # loopback-only local Ray as the jobs (or join $RAY_ADDRESS).
-        from reid_platform.training.trainer import init_ray
-
         init_ray()
-    num_gpus = args.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    num_gpus = gpus_per_actor(args.num_gpus)
     model_file = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
     if not model_file.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint}: no model file at {model_file}")

@@ -44,7 +44,7 @@ def ray_session(workspace):
     """One local Ray for the whole session (start-up is ~10 s and ~650 MB)."""
     import ray
 
-    from reid_platform.training.trainer import init_ray
+    from reid_platform.runtime import init_ray
 
     init_ray(num_cpus=4)
     yield ray

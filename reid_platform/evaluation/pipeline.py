@@ -39,6 +39,7 @@ import torch
 from reid_platform.checkpoint import load_model, read_checkpoint
 from reid_platform.config import Config, ConfigError
 from reid_platform.data.formats import ReidDataset, Sample, load_dataset
+from reid_platform.data.root import resolve_data_root
 from reid_platform.evaluation.embed import extract_features
 from reid_platform.evaluation.metrics import (
     EvaluationError,
@@ -53,6 +54,7 @@ from reid_platform.evaluation.postprocess import (
 )
 from reid_platform.evaluation.report import plot_cmc, plot_embedding_scatter, plot_ranked_lists
 from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
+from reid_platform.runtime import amp_enabled, resolve_device
 
 METRIC_NAMES = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score")
 DISTANCES = ("cosine", "euclidean")
@@ -514,8 +516,6 @@ def load_eval_dataset(config: Config) -> ReidDataset:
         DatasetError: the dataset is missing or malformed.
         EvaluationError: data.root is empty for a non-synthetic format.
     """
-    from reid_platform.training.trainer import resolve_data_root
-
     # The same resolution as training's, so a synthetic set is found (or generated) once.
     try:
         config = resolve_data_root(config, progress=False)
@@ -538,23 +538,6 @@ def limit_dataset(dataset: ReidDataset, max_query: int, max_gallery: int) -> Rei
     others = [s for s in dataset.gallery if s.pid not in pids]
     gallery = (matching + others)[:max_gallery]
     return ReidDataset(dataset.name, dataset.root, dataset.train, query, gallery)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device for `--device`: auto = the first CUDA GPU when present, else the CPU.
-
-    Raises:
-        EvaluationError: an unknown device, or CUDA asked for where there is none.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise EvaluationError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device}: no CUDA GPU is available here")
-    return resolved
 
 
 def embed_checkpoints(
@@ -592,7 +575,7 @@ def embed_checkpoints(
             device=torch_device,
             num_workers=data.loader_workers,
             progress=progress,
-            amp=torch_device.type == "cuda" and checkpoint.config.train.amp != "off",
+            amp=amp_enabled(checkpoint.config.train.amp, torch_device),
         )
         start = time.perf_counter()
         try:

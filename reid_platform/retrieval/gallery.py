@@ -34,6 +34,7 @@ from reid_platform.data.formats import (
 )
 from reid_platform.data.transforms import build_eval_transform
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
+from reid_platform.runtime import gpus_per_actor, resolve_device
 
 GALLERY_FORMATS = ("auto", "market1501", "csv", "folder")
 # Manifest fields that must match for a re-run to add into an existing index.
@@ -175,7 +176,7 @@ class GalleryEmbedder:
     with a decode error get a zero vector."""
 
     def __init__(self, checkpoint: str):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto")
         self.model, _ = load_model(checkpoint, self.device)
         self.dim = self.model.embedding_dim
 
@@ -225,8 +226,7 @@ def iter_gallery_embeddings(
     """
     if not samples:
         return
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    num_gpus = gpus_per_actor(num_gpus)
     if concurrency is None:
         concurrency = default_concurrency(num_gpus)
     rows = []

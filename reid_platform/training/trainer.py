@@ -19,17 +19,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from reid_platform.checkpoint import CheckpointError, read_checkpoint
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance, load_dataset
+from reid_platform.data.root import resolve_data_root
 from reid_platform.models import check_backbone
+from reid_platform.runtime import cluster_gpus, init_ray
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
-
-# Environment every Ray worker needs: albumentations otherwise checks for updates online;
-# Train's print patch would echo every progress line twice (logger + tee to the real stdout).
-WORKER_ENV = {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "PYTHONUNBUFFERED": "1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-}
 
 
 @dataclass
@@ -41,43 +35,6 @@ class TrainingResult:
     checkpoint: Path
     metrics: dict[str, Any]
     config_path: Path
-
-
-def resolve_data_root(config: Config, progress: bool = True) -> Config:
-    """The config with an absolute `data.root`, generating the synthetic dataset if asked.
-
-    Absolute because workers, other nodes and `ray job` copies of the working dir need it.
-    Training and evaluation both call this, so they use the same synthetic tree.
-
-    Raises:
-        ConfigError: no root for a real format, or a synthetic root that holds other data.
-    """
-    data = config.data
-    root = data.root
-    if data.format == "synthetic":
-        from reid_platform.data.synthetic import ensure_synthetic
-
-        s = data.synthetic
-        if not root:
-            root = str(config.workspace_dir / "data" / (
-                f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
-                f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
-                f"{s.height}x{s.width}-seed{s.seed}"))
-        try:
-            ensure_synthetic(
-                root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
-                num_cameras=s.num_cameras,
-                images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
-                height=s.height, width=s.width, seed=s.seed, progress=progress,
-            )
-        except ValueError as err:
-            raise ConfigError(f"data.root / data.synthetic: {err}") from None
-    elif not root:
-        raise ConfigError(
-            f"data.root is empty; data.format={data.format} needs a dataset path "
-            "(--set data.root=/path/to/dataset)"
-        )
-    return config.replace(**{"data.root": str(Path(root).expanduser().resolve())})
 
 
 def _absolute_file(value: str, key: str) -> str:
@@ -128,34 +85,11 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     return config, dataset
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to $RAY_ADDRESS, or start a new local Ray listening on 127.0.0.1 only.
-
-    Loopback comes from the switch set in `reid_platform/__init__.py` (Ray ignores a
-    127.0.0.1 `_node_ip_address` and advertises the outward IP instead).
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
-        return
-    # address="local": a fresh instance even if `ray start` left a cluster running (plain
-    # ray.init() would join it, and then refuse num_cpus).
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": WORKER_ENV},
-        log_to_driver=True,
-    )
-
-
 def resolve_use_gpu(config: Config) -> bool:
     """`train.use_gpu`: "auto" means GPUs when the cluster has one for every worker now (an
     autoscaling cluster starts without GPU nodes: say "true" there)."""
     if config.train.use_gpu == "auto":
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = cluster_gpus()
         if 0 < gpus < config.train.num_workers:
             print(f"[train] {gpus:g} GPU(s) for {config.train.num_workers} workers: training on "
                   "CPU (set train.num_workers to the GPU count, or train.use_gpu=true on an "

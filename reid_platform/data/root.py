@@ -1,0 +1,54 @@
+"""Where a config's images are: an absolute `data.root`, generating the synthetic set if asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reid_platform.config import Config, ConfigError
+
+
+def synthetic_root(config: Config) -> Path:
+    """The default folder of the synthetic dataset `config.data.synthetic` describes.
+
+    One folder per parameter set, under the workspace, so training and evaluation of the same
+    config find (or generate) the same tree.
+    """
+    s = config.data.synthetic
+    return config.workspace_dir / "data" / (
+        f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
+        f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
+        f"{s.height}x{s.width}-seed{s.seed}"
+    )
+
+
+def resolve_data_root(config: Config, progress: bool = True) -> Config:
+    """The config with an absolute `data.root`, generating the synthetic dataset if asked.
+
+    Absolute because workers, other nodes and `ray job` copies of the working dir need it.
+    Training and evaluation both call this, so they use the same synthetic tree.
+
+    Raises:
+        ConfigError: no root for a real format, or a synthetic root that holds other data.
+    """
+    data = config.data
+    root = data.root
+    if data.format == "synthetic":
+        from reid_platform.data.synthetic import ensure_synthetic
+
+        s = data.synthetic
+        root = root or str(synthetic_root(config))
+        try:
+            ensure_synthetic(
+                root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                num_cameras=s.num_cameras,
+                images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
+                height=s.height, width=s.width, seed=s.seed, progress=progress,
+            )
+        except ValueError as err:
+            raise ConfigError(f"data.root / data.synthetic: {err}") from None
+    elif not root:
+        raise ConfigError(
+            f"data.root is empty; data.format={data.format} needs a dataset path "
+            "(--set data.root=/path/to/dataset)"
+        )
+    return config.replace(**{"data.root": str(Path(root).expanduser().resolve())})
