@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reid_platform.config import Config, ConfigError
+from reid_platform.data.formats import ReidDataset, load_dataset
 
 
 def synthetic_root(config: Config) -> Path:
@@ -52,3 +53,15 @@ def resolve_data_root(config: Config, progress: bool = True) -> Config:
             "(--set data.root=/path/to/dataset)"
         )
     return config.replace(**{"data.root": str(Path(root).expanduser().resolve())})
+
+
+def load_config_dataset(config: Config) -> ReidDataset:
+    """The train / query / gallery samples of `config.data` (root already resolved).
+
+    Training, its evaluation and `jobs/evaluate.py` all read their data through this one call.
+
+    Raises:
+        DatasetError: the dataset is missing or malformed.
+    """
+    data = config.data
+    return load_dataset(data.root, data.format, data.test_fraction)

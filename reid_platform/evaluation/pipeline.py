@@ -38,8 +38,8 @@ import torch
 
 from reid_platform.checkpoint import load_model, read_checkpoint
 from reid_platform.config import Config, ConfigError
-from reid_platform.data.formats import ReidDataset, Sample, load_dataset
-from reid_platform.data.root import resolve_data_root
+from reid_platform.data.formats import ReidDataset, Sample
+from reid_platform.data.root import load_config_dataset, resolve_data_root
 from reid_platform.evaluation.embed import extract_features
 from reid_platform.evaluation.metrics import (
     EvaluationError,
@@ -521,8 +521,7 @@ def load_eval_dataset(config: Config) -> ReidDataset:
         config = resolve_data_root(config, progress=False)
     except ConfigError as err:
         raise EvaluationError(str(err)) from None
-    data = config.data
-    return load_dataset(data.root, data.format, data.test_fraction)
+    return load_config_dataset(config)
 
 
 def limit_dataset(dataset: ReidDataset, max_query: int, max_gallery: int) -> ReidDataset:

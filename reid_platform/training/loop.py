@@ -22,7 +22,8 @@ import torch
 from reid_platform.checkpoint import read_checkpoint, save_checkpoint
 from reid_platform.config import Config
 from reid_platform.data.dataset import ImageDataset, collate_skip_corrupt
-from reid_platform.data.formats import ReidDataset, balance, load_dataset
+from reid_platform.data.formats import ReidDataset, balance
+from reid_platform.data.root import load_config_dataset
 from reid_platform.data.sampler import PKBatchSampler
 from reid_platform.data.transforms import build_train_transform
 from reid_platform.evaluation.embed import evaluate_model
@@ -63,7 +64,7 @@ def _load_resume_state(config: Config) -> dict[str, Any] | None:
 
 
 def _prepare_data(config: Config) -> tuple[ReidDataset, list, int]:
-    dataset = load_dataset(config.data.root, config.data.format, config.data.test_fraction)
+    dataset = load_config_dataset(config)
     data = config.data
     train, pid_map = balance(
         dataset.train, data.drop_single_image_ids, data.oversample_min, data.oversample_max,

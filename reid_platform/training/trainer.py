@@ -18,8 +18,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from reid_platform.checkpoint import CheckpointError, read_checkpoint
 from reid_platform.config import Config, ConfigError, save_config
-from reid_platform.data.formats import DatasetError, ReidDataset, balance, load_dataset
-from reid_platform.data.root import resolve_data_root
+from reid_platform.data.formats import DatasetError, ReidDataset, balance
+from reid_platform.data.root import load_config_dataset, resolve_data_root
 from reid_platform.models import check_backbone
 from reid_platform.runtime import cluster_gpus, init_ray
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
@@ -66,7 +66,7 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
         )
     config = resolve_data_root(config.replace(**overrides), progress)
     data = config.data
-    dataset = load_dataset(data.root, data.format, data.test_fraction)
+    dataset = load_config_dataset(config)
     train, pid_map = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
     needed = data.num_ids_per_batch
     if len(pid_map) < needed:
