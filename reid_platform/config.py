@@ -73,8 +73,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone, pooling, BNNeck and classifier head."""
+    """Architecture, backbone, pooling, BNNeck and classifier head."""
 
+    arch: Literal["bot"] = "bot"  # see reid_platform.models.ARCHS
     backbone: str = "resnet50"  # any timm model name
     pretrained: str = ""  # path to a local weights file (timm/torchvision state dict)
     last_stride: int = 1  # ResNets only: 1 keeps 16x8 maps at 256x128
