@@ -100,13 +100,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         # weights_only refuses globals it does not know: the file wants to build Python
         # objects (possibly run code) on load. Never retry with weights_only=False.
-        globals_ = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
-        if not globals_:
-            raise CheckpointError(f"{file}: cannot read checkpoint (damaged file)") from None
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((x for x in lines if "GLOBAL" in x or x.startswith("Unsupported")),
+                      lines[-1] if lines else "")
         raise CheckpointError(
-            f"{file}: refused: the file holds Python objects other than tensors and plain "
-            f"data, so loading it could run code ({globals_[0][:200]}); only checkpoints "
-            "written by reid-platform (weights, config, metrics, optimizer state) are loaded"
+            f"{file}: cannot read checkpoint: refused by the safe loader, which accepts only "
+            f"tensors and plain data ({detail[:200]}); the file is damaged or holds Python "
+            "objects that could run code when loaded. Only checkpoints written by "
+            "reid-platform (weights, config, metrics, optimizer state) are loaded"
         ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{file}: cannot read checkpoint ({err})") from None

@@ -26,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from reid_platform.checkpoint import read_checkpoint, save_checkpoint
+from reid_platform.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from reid_platform.config import Config
 from reid_platform.data.dataset import ImageDataset, collate_skip_corrupt
 from reid_platform.data.formats import ReidDataset, Sample, balance
@@ -71,19 +71,49 @@ def _unwrap(model: torch.nn.Module) -> ReidModel:
     return model.module if hasattr(model, "module") else model  # DDP wraps in .module
 
 
-def _load_resume_state(config: Config) -> tuple[dict[str, Any] | None, bool]:
-    """Ray's checkpoint after a worker failure first, then the user's `train.resume_from`.
+def _load_resume_state(config: Config) -> tuple[dict[str, Any] | None, list[str]]:
+    """This run's newest checkpoint after a worker failure, else the user's
+    `train.resume_from`, else None.
 
     Returns:
-        (checkpoint payload or None, whether it is this run's own checkpoint from Ray).
+        (checkpoint payload or None, the checkpoint folders of this run that Ray did not
+        register, to delete once a newer checkpoint exists; see `_newest_persisted`).
     """
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            return read_checkpoint(directory), True
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        return _newest_persisted(registered)
     if config.train.resume_from:
-        return read_checkpoint(config.train.resume_from), False
-    return None, False
+        return read_checkpoint(config.train.resume_from), []
+    return None, []
+
+
+def _newest_persisted(registered: ray.train.Checkpoint) -> tuple[dict[str, Any], list[str]]:
+    """The newest readable checkpoint this run persisted, and the unregistered folders.
+
+    Ray restarts from the last checkpoint its controller *registered*; the controller polls
+    the workers every few seconds, so a checkpoint persisted just before a failure may not be
+    registered yet, and resuming from the registered one would lose a finished epoch. The
+    run's storage folder lists every persisted checkpoint (Ray names them by time).
+    """
+    import pyarrow.fs
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path))
+    newer = sorted(
+        (i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+         and i.base_name.startswith("checkpoint_")
+         and i.base_name > Path(registered.path).name),
+        reverse=True,
+    )
+    for path in newer:
+        try:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
+                return read_checkpoint(directory), newer
+        except (CheckpointError, OSError):
+            continue  # a checkpoint whose upload the failure cut short
+    with registered.as_directory() as directory:
+        return read_checkpoint(directory), newer
 
 
 def _prepare_data(config: Config) -> tuple[ReidDataset, list[Sample], int]:
@@ -137,7 +167,8 @@ class WorkerRun:
 
         self.start_epoch = 0
         self.best_score, self.best_epoch = -math.inf, 0
-        state, restarted = _load_resume_state(config)
+        state, self._orphans = _load_resume_state(config)
+        restarted = ray.train.get_checkpoint() is not None
         if state is not None:
             if state["num_classes"] != num_classes:
                 raise ValueError(
@@ -328,6 +359,20 @@ class WorkerRun:
             save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.logger.log_metrics_once(metrics, step=epoch)
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        """Rank 0, once a newer checkpoint is persisted: delete the checkpoints a failure left
+        unregistered (Ray's retention never sees them)."""
+        if not self._orphans:
+            return
+        storage = ray.train.get_context().get_storage()
+        for path in self._orphans:
+            try:
+                storage.storage_filesystem.delete_dir(path)
+            except OSError:
+                pass  # already gone
+        self._orphans = []
 
     def progress_line(self, metrics: dict[str, float], eta_s: float) -> str:
         epochs = self.config.train.epochs
