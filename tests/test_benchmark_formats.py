@@ -553,3 +553,14 @@ def test_evaluation_of_a_checkpoint_on_another_dataset(tiny_market, veri_tree, t
     raw = report["variants"]["raw"]
     # both queries have a match from another camera (0002_c002's same-camera twin is junk)
     assert raw["num_valid_queries"] == 2 and raw["num_skipped_queries"] == 0
+
+
+def test_named_format_finds_the_archive_folder_among_many(tmp_path, duke_tree):
+    holder = tmp_path / "datasets"
+    holder.mkdir()
+    (duke_tree / "DukeMTMC-reID").rename(holder / "DukeMTMC-reID")
+    for n in range(20):
+        (holder / f"other{n:02d}").mkdir()
+    assert len(load_dukemtmc(holder).train) == 5
+    # detection does not probe folders with that many subfolders (a folder per identity)
+    assert detect_format(holder) == "folder"

@@ -147,12 +147,15 @@ class _Listing:
 MAX_HOLDER_SUBFOLDERS = 16
 
 
-def _find_layout(root: Path, has_layout: Callable[[Path], bool]) -> Path | None:
+def _find_layout(
+    root: Path, has_layout: Callable[[Path], bool], max_subfolders: int = 0
+) -> Path | None:
     """`root` if it has the layout, else its only subfolder that has it (archives unpack into
     a versioned folder, and users point at either), else None.
 
-    A folder with more than MAX_HOLDER_SUBFOLDERS subfolders is not searched: it is a
-    dataset itself (a folder per identity), and probing each would cost seconds.
+    With `max_subfolders`, a folder with more subfolders than that is not searched
+    (`detect_format`: such a folder is a dataset itself, a folder per identity, and probing
+    every subfolder for every layout would cost seconds).
     """
     if has_layout(root):
         return root
@@ -161,7 +164,7 @@ def _find_layout(root: Path, has_layout: Callable[[Path], bool]) -> Path | None:
         for entry in entries:
             if entry.is_dir():
                 subfolders.append(Path(entry.path))
-                if len(subfolders) > MAX_HOLDER_SUBFOLDERS:
+                if max_subfolders and len(subfolders) > max_subfolders:
                     return None
     inner = [p for p in sorted(subfolders) if has_layout(p)]
     return inner[0] if len(inner) == 1 else None
@@ -881,7 +884,7 @@ def detect_format(root: str | Path) -> str:
         ("market1501", _is_market),
     ]
     for name, has_layout in layouts:
-        if _find_layout(root, has_layout) is not None:
+        if _find_layout(root, has_layout, MAX_HOLDER_SUBFOLDERS) is not None:
             return name
     if len(list(root.glob("*.csv"))) == 1:
         return "csv"
