@@ -152,7 +152,8 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_market, ray_address, workspace)
     job.proc.send_signal(signal.SIGTERM)
     output = job.finish(timeout=120)
     assert job.proc.returncode == 130, output[-3000:]
-    assert "interrupted" in output and "Traceback" not in output
+    assert "interrupted" in output
+    assert "Traceback" not in output, output[max(output.find("Traceback") - 300, 0):][:4000]
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fault-term")
     (run,) = client.search_runs([experiment.experiment_id])

@@ -1,7 +1,8 @@
-"""The per-worker training loop: the only module that talks to `ray.train`.
+"""The per-worker training loop; it reaches Ray Train only through its session.
 
 Each Ray Train worker runs `train_loop_per_worker(loop_config)` with a plain dict:
-    {"config": Config.to_dict(), "tracking_uri": str, "run_id": str | None}
+    {"config": Config.to_dict(), "tracking_uri": str, "run_id": str | None,
+     "progress_bar": bool (rank 0 draws a per-epoch bar on the driver's terminal)}
 It reads top to bottom in four steps:
 
     run = WorkerRun(loop_config)        set-up: data, model (DDP), loss, optimizer, resume
@@ -22,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 
-from reid_platform.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from reid_platform.checkpoint import read_checkpoint, save_checkpoint
 from reid_platform.config import Config
 from reid_platform.data.dataset import ImageDataset, collate_skip_corrupt
 from reid_platform.data.formats import ReidDataset, Sample, balance
@@ -40,6 +39,7 @@ from reid_platform.models import ReidModel, build_model
 from reid_platform.runtime import amp_enabled
 from reid_platform.tracking import RunLogger
 from reid_platform.training.schedule import WarmupSchedule
+from reid_platform.training.session import LocalSession, RaySession
 from reid_platform.training.swa import make_swa_model, recompute_batchnorm
 
 # The final model's metrics are the headline ones; with SWA the final model is the averaged
@@ -71,54 +71,9 @@ def _unwrap(model: torch.nn.Module) -> ReidModel:
     return model.module if hasattr(model, "module") else model  # DDP wraps in .module
 
 
-def _load_resume_state(config: Config) -> tuple[dict[str, Any] | None, list[str]]:
-    """This run's newest checkpoint after a worker failure, else the user's
-    `train.resume_from`, else None.
-
-    Returns:
-        (checkpoint payload or None, the checkpoint folders of this run that Ray did not
-        register, to delete once a newer checkpoint exists; see `_newest_persisted`).
-    """
-    registered = ray.train.get_checkpoint()
-    if registered is not None:
-        return _newest_persisted(registered)
-    if config.train.resume_from:
-        return read_checkpoint(config.train.resume_from), []
-    return None, []
-
-
-def _newest_persisted(registered: ray.train.Checkpoint) -> tuple[dict[str, Any], list[str]]:
-    """The newest readable checkpoint this run persisted, and the unregistered folders.
-
-    Ray restarts from the last checkpoint its controller *registered*; the controller polls
-    the workers every few seconds, so a checkpoint persisted just before a failure may not be
-    registered yet, and resuming from the registered one would lose a finished epoch. The
-    run's storage folder lists every persisted checkpoint (Ray names them by time).
-    """
-    import pyarrow.fs
-
-    storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path))
-    newer = sorted(
-        (i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-         and i.base_name.startswith("checkpoint_")
-         and i.base_name > Path(registered.path).name),
-        reverse=True,
-    )
-    for path in newer:
-        try:
-            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
-                return read_checkpoint(directory), newer
-        except (CheckpointError, OSError):
-            continue  # a checkpoint whose upload the failure cut short
-    with registered.as_directory() as directory:
-        return read_checkpoint(directory), newer
-
-
 def _prepare_data(config: Config) -> tuple[ReidDataset, list[Sample], int]:
     """(dataset, balanced training samples with pids 0..N-1, N)."""
-    dataset = load_config_dataset(config)
+    dataset = load_config_dataset(config, report=False)  # the driver reported what it ignored
     data = config.data
     train, pid_map = balance(
         dataset.train, data.drop_single_image_ids, data.oversample_min, data.oversample_max,
@@ -148,14 +103,15 @@ class WorkerRun:
         loop_config: see the module docstring.
     """
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, loop_config: dict[str, Any], session: RaySession | LocalSession):
         config = self.config = Config.from_dict(loop_config["config"])
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.session = session
+        self.rank, self.world = session.rank, session.world_size
         self.is_main = self.rank == 0
+        self.progress_bar = bool(loop_config.get("progress_bar")) and self.is_main
         self.logger = RunLogger(loop_config["tracking_uri"],
                                 loop_config.get("run_id") if self.is_main else None)
-        self.device = device = ray.train.torch.get_device()
+        self.device = device = session.device
         self.use_amp = amp_enabled(config.train.amp, device)
         torch.manual_seed(config.train.seed)
 
@@ -167,8 +123,11 @@ class WorkerRun:
 
         self.start_epoch = 0
         self.best_score, self.best_epoch = -math.inf, 0
-        state, self._orphans = _load_resume_state(config)
-        restarted = ray.train.get_checkpoint() is not None
+        # This run's own checkpoint after a worker failure, else the user's train.resume_from
+        state, self._orphans = session.restart_checkpoint()
+        restarted = state is not None
+        if state is None and config.train.resume_from:
+            state = read_checkpoint(config.train.resume_from)
         if state is not None:
             if state["num_classes"] != num_classes:
                 raise ValueError(
@@ -181,7 +140,7 @@ class WorkerRun:
                 print(f"[train] {'restarted' if restarted else 'resuming'} after epoch "
                   f"{self.start_epoch}", flush=True)
 
-        self.model = ray.train.torch.prepare_model(model)  # DDP on the right device (gloo/NCCL)
+        self.model = session.prepare_model(model)  # DDP on the right device (Ray)
         self.criterion.to(device)
         if self.swa_model is not None:
             self.swa_model.to(device)
@@ -195,6 +154,7 @@ class WorkerRun:
             [s.pid for s in train_samples], data.num_ids_per_batch, data.num_instances,
             num_replicas=self.world, rank=self.rank, seed=config.train.seed,
             batches_per_epoch=config.train.batches_per_epoch,
+            max_images_per_id=data.max_images_per_id,
         )
         # Our own batch sampler: the loader is NOT passed to prepare_data_loader, which would
         # replace the sampler with a DistributedSampler and break PK batches.
@@ -255,6 +215,14 @@ class WorkerRun:
         config, device = self.config, self.device
         self.sampler.set_epoch(epoch)
         iters = max(len(self.sampler), 1)  # PK batch counts vary a little per epoch
+        train = config.train
+        if self.is_main and train.swa_epochs > 0 and epoch == train.epochs - train.swa_epochs:
+            print(f"[train] SWA phase: the weights of the last {train.swa_epochs} epoch(s) are "
+                  f"averaged, at a constant lr {train.lr * train.swa_lr_factor:.2e}", flush=True)
+        bar = None
+        if self.progress_bar:
+            bar = self.session.progress_bar(f"[train] epoch {epoch + 1}/{train.epochs}",
+                                            iters * self.sampler.batch_size * self.world)
         self.model.train()
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -273,9 +241,13 @@ class WorkerRun:
                 sums[name] = sums.get(name, 0.0) + value
             images += batch["image"].shape[0]
             batches += 1
+            if bar is not None:
+                bar.update(batch["image"].shape[0] * self.world)
             if self.is_main and config.train.log_every and (it + 1) % config.train.log_every == 0:
                 print(f"[train] epoch {epoch + 1} iter {it + 1}/{iters} "
                       f"loss {terms['loss']:.4f} lr {lr:.2e}", flush=True)
+        if bar is not None:
+            bar.close()
         elapsed = time.perf_counter() - start
         metrics = {k: v / max(batches, 1) for k, v in sums.items()}
         metrics.update(
@@ -346,7 +318,7 @@ class WorkerRun:
         run resumed after a failure has exactly one value per metric per epoch.
         """
         if not self.is_main:
-            ray.train.report(metrics)
+            self.session.report(metrics, None)
             return
         if "score" in metrics and metrics["score"] > self.best_score:
             self.best_score, self.best_epoch = float(metrics["score"]), epoch
@@ -357,22 +329,11 @@ class WorkerRun:
                                   "best_epoch": str(self.best_epoch)})
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self.session.report(metrics, tmp)
         self.logger.log_metrics_once(metrics, step=epoch)
-        self._remove_orphans()
-
-    def _remove_orphans(self) -> None:
-        """Rank 0, once a newer checkpoint is persisted: delete the checkpoints a failure left
-        unregistered (Ray's retention never sees them)."""
-        if not self._orphans:
-            return
-        storage = ray.train.get_context().get_storage()
-        for path in self._orphans:
-            try:
-                storage.storage_filesystem.delete_dir(path)
-            except OSError:
-                pass  # already gone
-        self._orphans = []
+        if self._orphans:  # a newer checkpoint now exists: drop those a failure left behind
+            self.session.remove(self._orphans)
+            self._orphans = []
 
     def progress_line(self, metrics: dict[str, float], eta_s: float) -> str:
         epochs = self.config.train.epochs
@@ -416,9 +377,11 @@ class WorkerRun:
         return [k for k in keys if k in metrics]
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train with DDP; see the module docstring for `loop_config` and the steps."""
-    run = WorkerRun(loop_config)
+def train_loop_per_worker(loop_config: dict[str, Any],
+                          session: RaySession | LocalSession | None = None) -> None:
+    """Train with DDP (in a Ray Train worker) or in this process (`session`, debug mode);
+    see the module docstring for `loop_config` and the steps."""
+    run = WorkerRun(loop_config, session or RaySession())
     config, epochs = run.config, run.config.train.epochs
     if epochs == 0 or run.start_epoch >= epochs:
         # Nothing (left) to train: evaluate the model as it is.
