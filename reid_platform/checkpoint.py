@@ -39,6 +39,7 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, float] | None = None,
     training_state: dict[str, Any] | None = None,
+    mlflow_run: dict[str, str] | None = None,
 ) -> Path:
     """Write `directory/model.pt` atomically (temp file + rename); returns the directory.
 
@@ -48,6 +49,8 @@ def save_checkpoint(
         epoch: epochs completed.
         metrics: latest evaluation metrics, stored for reference.
         training_state: optimizer/scheduler/center-loss states needed to resume.
+        mlflow_run: {"tracking_uri", "run_id"} of the training run that wrote it, so later
+            jobs (export, evaluation, index builds) can log to it and record lineage.
     """
     payload = {
         "format": FORMAT,
@@ -57,6 +60,7 @@ def save_checkpoint(
         "epoch": epoch,
         "metrics": metrics or {},
         "training_state": training_state or {},
+        "mlflow_run": dict(mlflow_run or {}),
     }
     return _write(directory, payload)
 

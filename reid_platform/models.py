@@ -23,6 +23,7 @@ The triplet loss sees f_t, the ID loss the logits of f_i; inference uses f_i, L2
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -316,8 +317,11 @@ ARCHS: dict[str, type[ReidModel]] = {"bot": BoTModel}
 def check_backbone(name: str) -> None:
     """Raise ModelError, listing similar names, unless `name` is a timm model."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6,
+                                          cutoff=0.5)
+        hint = f"similar names: {close} (did you mean {close[0]!r}?)" if close else (
+            "see timm.list_models()")
+        raise ModelError(f"model.backbone={name!r} is not a timm model; {hint}")
 
 
 def create_backbone(name: str, pretrained: str = "") -> nn.Module:

@@ -281,6 +281,8 @@ def test_unknown_backbone_lists_similar_names():
     with pytest.raises(ModelError, match=r"'resnet_50x' is not a timm model.*resnet") as info:
         create_backbone("resnet_50x")
     assert "similar names: [" in str(info.value)
+    with pytest.raises(ModelError, match=r"did you mean 'resnet18'\?"):
+        create_backbone("resnet_18")
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,8 @@ def test_debug_mode_trains_in_process_with_the_same_outputs(tiny_market, workspa
     assert "debug mode (train.num_workers=0)" in out and "SWA phase" in out
     payload = read_checkpoint(result.checkpoint)
     assert payload["epoch"] == 2 and "optimizer" in payload["training_state"]
+    assert payload["mlflow_run"] == {"tracking_uri": result.tracking_uri,
+                                     "run_id": result.run_id}
     assert result.checkpoint.parent.name.startswith("local-debug-")
     assert len(list(result.checkpoint.parent.glob("checkpoint_*"))) == 1  # newest one kept
     client = MlflowClient(result.tracking_uri)

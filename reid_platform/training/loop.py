@@ -111,6 +111,8 @@ class WorkerRun:
         self.progress_bar = bool(loop_config.get("progress_bar")) and self.is_main
         self.logger = RunLogger(loop_config["tracking_uri"],
                                 loop_config.get("run_id") if self.is_main else None)
+        self.mlflow_run = ({"tracking_uri": loop_config["tracking_uri"],
+                            "run_id": loop_config["run_id"]} if loop_config.get("run_id") else {})
         self.device = device = session.device
         self.use_amp = amp_enabled(config.train.amp, device)
         torch.manual_seed(config.train.seed)
@@ -323,12 +325,14 @@ class WorkerRun:
         if "score" in metrics and metrics["score"] > self.best_score:
             self.best_score, self.best_epoch = float(metrics["score"]), epoch
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, net, self.config, epoch, metrics)
+                save_checkpoint(tmp, net, self.config, epoch, metrics,
+                                mlflow_run=self.mlflow_run)
                 self.logger.log_artifact(tmp, "checkpoints/best")
             self.logger.set_tags({"best_score": f"{self.best_score:.6f}",
                                   "best_epoch": str(self.best_epoch)})
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state())
+            save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state(),
+                            mlflow_run=self.mlflow_run)
             self.session.report(metrics, tmp)
         self.logger.log_metrics_once(metrics, step=epoch)
         if self._orphans:  # a newer checkpoint now exists: drop those a failure left behind
