@@ -291,7 +291,7 @@ def test_unknown_backbone_lists_similar_names():
 
 @pytest.mark.parametrize(
     "change,match",
-    [({"pooling": "max"}, "model.pooling='max'"), ({"head": "softmax"}, "model.head='softmax'")],
+    [({"pooling": "minmax"}, "model.pooling='minmax'"), ({"head": "softmax"}, "model.head='softmax'")],
 )
 def test_bad_model_settings(change, match):
     with pytest.raises(ModelError, match=re.escape(match)):
