@@ -100,43 +100,40 @@ def create_backbone(name: str, pretrained: str = "",
     if not path.is_file():
         raise ModelError(f"model.pretrained={pretrained!r}: no such weights file")
     try:
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
-        )
-    except RuntimeError:
-        # Keys or shapes differ from timm's (e.g. IBN-Net's own release files): load what
-        # matches after the modifiers instead; see `load_matching`.
-        model = timm.create_model(name, **kwargs)
-        model.pending_weights = str(path)  # picked up by build_backbone
-        return model
+        raw = timm.models.load_state_dict(str(path))
+    except Exception as err:  # torch/safetensors raise many types for a damaged file
+        raise ModelError(f"model.pretrained={pretrained!r}: cannot read weights ({err})") from None
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+    )
+    # Tensors timm could not place (e.g. IBN-Net's own bn1.IN / bn1.BN) may fit the model
+    # once the modifiers have run: `build_backbone` loads them then.
+    own = model.state_dict()
+    model.pending_weights = (str(path), {k: v for k, v in raw.items() if k not in own})
+    return model
 
 
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor],
-                  source: str) -> tuple[int, list[str]]:
-    """Copy every entry of `state` whose name and shape match `module`'s.
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+    """Copy every entry of `state` whose name and shape match `module`'s; warn about the
+    others (an ImageNet classifier is expected to be left out).
 
     Returns:
-        (tensors loaded, names of the module's tensors left as they were).
-
-    Raises:
-        ModelError: nothing matched (wrong file for this backbone).
+        the number of tensors loaded.
     """
     own = module.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ModelError(
-            f"model.pretrained={source!r}: no tensor of the file matches the backbone by name "
-            "and shape (weights of another architecture?)"
-        )
     module.load_state_dict(matched, strict=False)
-    left = sorted(set(own) - set(matched))
+    left = sorted(k for k in set(state) - set(matched) if not k.startswith(CLASSIFIER_PREFIXES))
     if left:
         warnings.warn(
-            f"model.pretrained={source}: {len(matched)} tensors loaded, {len(left)} kept their "
-            f"initialisation (e.g. {left[:3]})",
+            f"model.pretrained={source}: {len(left)} tensors of the file fit no tensor of the "
+            f"model by name and shape and were not loaded (e.g. {left[:3]})",
             stacklevel=2,
         )
-    return len(matched), left
+    return len(matched)
 
 
 # ---- ResNet anatomy ----------------------------------------------------------------------
@@ -418,8 +415,9 @@ def build_backbone(config: ModelConfig,
         set_patch_stride(backbone, config.patch_stride)
     if pending is not None:
         del backbone.pending_weights
-        state = timm.models.load_state_dict(pending)
-        load_matching(backbone, state, pending)
+        source, rest = pending
+        if rest:
+            load_matching(backbone, rest, source)
     return backbone
 
 
