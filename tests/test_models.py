@@ -945,3 +945,129 @@ def test_netvlad_pca_whitening_whitens():
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="needs more than 3 VLAD vectors"):
         vlad.init_pca_whitening(data[:3])
+
+
+# ---- fast training paths ---------------------------------------------------------------
+
+
+def write_images(directory: Path, count: int, corrupt: int | None = None) -> list:
+    import cv2
+
+    from reid_platform.data.formats import Sample
+
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(count):
+        path = directory / f"{i:03d}.jpg"
+        cv2.imwrite(str(path), person(40 + 7 * i, 20 + 3 * i, seed=i))
+        if i == corrupt:
+            path.write_bytes(path.read_bytes()[:100])
+        samples.append(Sample(path=str(path), pid=i % 3, camid=i % 2, split="train"))
+    return samples
+
+
+def test_ram_cache_gives_the_items_of_the_decoding_dataset(tmp_path):
+    from reid_platform.data.cache import RamCachedDataset
+    from reid_platform.data.dataset import ImageDataset
+
+    samples = write_images(tmp_path / "images", 5, corrupt=3)
+    transform = build_train_transform(32, 16, ALL_OFF)  # resize + normalise: deterministic
+    plain = ImageDataset(samples, transform)
+    cached = RamCachedDataset(samples, 32, 16, transform, threads=2)
+    assert cached.images.shape == (5, 32, 16, 3) and cached.images.is_shared()
+    assert cached.num_corrupt == 1
+    for i in range(5):
+        want, got = plain[i], cached[i]
+        if i == 3:
+            assert got[0] == "corrupt" and "003.jpg" in got[1]
+            continue
+        assert got["pid"] == want["pid"] and got["index"] == i
+        torch.testing.assert_close(got["image"], want["image"], rtol=0, atol=0)
+    # augmentation runs on the cached pixels, fresh each time
+    flip = build_train_transform(32, 16, dataclasses.replace(ALL_OFF, flip_p=1.0))
+    flipped = RamCachedDataset(samples[:1], 32, 16, flip)[0]["image"]
+    torch.testing.assert_close(flipped, plain[0]["image"].flip(2))
+
+
+def test_ram_cache_refuses_to_take_half_the_memory(tmp_path, monkeypatch):
+    from reid_platform.data import cache
+
+    samples = write_images(tmp_path / "images", 2)
+    monkeypatch.setattr(cache, "_physical_memory", lambda: 4 * 32 * 16 * 3 - 1)
+    with pytest.raises(cache.CacheError, match=r"data.cache=ram: 2 images at 32x16 need"):
+        cache.RamCachedDataset(samples, 32, 16, build_train_transform(32, 16, ALL_OFF))
+
+
+def test_channels_last_and_amp_settings():
+    from reid_platform.runtime import amp_dtype, amp_enabled
+    from reid_platform.training.fast import is_cnn, use_channels_last
+
+    cnn = build_model(model_config("test_resnet"), 3)
+    vit = build_model(model_config("test_vit"), 3)
+    assert is_cnn(cnn) and not is_cnn(vit)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_channels_last("auto", cuda, cnn) and not use_channels_last("auto", cuda, vit)
+    assert not use_channels_last("auto", cpu, cnn)
+    assert use_channels_last("on", cpu, vit) and not use_channels_last("off", cuda, cnn)
+    assert amp_dtype("bf16") == torch.bfloat16 and amp_dtype("on") == torch.float16
+    assert amp_enabled("bf16", cpu) and amp_enabled("fp16", cpu) and not amp_enabled("auto", cpu)
+    assert amp_enabled("auto", cuda) and not amp_enabled("off", cuda)
+    # bf16 autocast and channels-last on CPU give the fp32 result up to bf16 precision
+    model = cnn.eval()
+    x = images(2)
+    with torch.no_grad():
+        want = model.embed(x)
+        last = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = last.embed(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["bot", "mgn"])
+def test_compiled_forward_equals_eager(arch):
+    """Dynamo traces the models (their ReidOutput included); the eager backend keeps the test
+    free of a C++ toolchain and fast."""
+    from reid_platform.training.fast import CompiledForward
+
+    torch.manual_seed(0)
+    model = build_model(family_config(arch, "test_resnet", "avg"), NUM_CLASSES,
+                        input_size=FAMILY_SIZE).eval()
+    compiled = CompiledForward(model, backend="eager")
+    x = images()
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    assert compiled.ok is True
+    for a, b in zip(got.branches, want.branches):
+        torch.testing.assert_close(a.bn_features, b.bn_features)
+
+
+def test_compile_falls_back_with_a_warning(monkeypatch):
+    from reid_platform.training.fast import CompiledForward
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no backend for this platform")
+
+    module = torch.nn.Linear(2, 2)
+    calls = {"n": 0}
+
+    def compiled_then_broken(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("inductor: cannot compile")
+        raise ValueError("a real error")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled_then_broken)
+    forward = CompiledForward(module)
+    x = torch.ones(1, 2)
+    with pytest.warns(UserWarning, match="train.compile: torch.compile is unavailable.*inductor"):
+        torch.testing.assert_close(forward(x), module(x))
+    assert forward.ok is False
+    torch.testing.assert_close(forward(x), module(x))  # eager from now on, no new warning
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.warns(UserWarning, match="no backend for this platform"):
+        CompiledForward(module)
+    ok = CompiledForward.__new__(CompiledForward)
+    ok.module, ok.ok, ok.compiled = module, True, compiled_then_broken
+    calls["n"] = 1
+    with pytest.raises(ValueError, match="a real error"):  # after a success: not swallowed
+        ok(x)

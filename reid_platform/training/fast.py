@@ -40,13 +40,17 @@ class CompiledForward:
 
     Compilation happens at the first call, so that is where a failure shows; an error after
     a successful first call is a real one and is raised.
+
+    Args:
+        module: the (DDP-wrapped) model.
+        compile_kwargs: for `torch.compile` (e.g. `backend`, `mode`).
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, **compile_kwargs: Any):
         self.module = module
         self.ok: bool | None = None
         try:
-            self.compiled: Callable[..., Any] | None = torch.compile(module)
+            self.compiled: Callable[..., Any] | None = torch.compile(module, **compile_kwargs)
         except Exception as err:  # e.g. no compiler backend for this platform
             self._fall_back(err)
 
