@@ -276,8 +276,7 @@ class MGNModel(ReidModel):
             in_dims += [pool.out_dim] * (1 + cells)
         self.parts_head = PartHeads(config, in_dims, num_classes)
         self.branches = tuple(BranchSpec(n, config.part_dim, metric) for n, metric in names)
-        self._vit = is_vit(backbone)
-        self._backbone_ref = [backbone]  # for feature_map's token layout; not a submodule
+        self._vit = is_vit(backbone)  # tokens are laid out by `self.shared.vit`'s patch grid
 
     def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The pooled features (B, C) of every branch, global first, in `branches` order."""
@@ -287,7 +286,7 @@ class MGNModel(ReidModel):
         for trunk, pool, (rows, cols) in zip(self.trunks, self.pools, self.splits):
             x = trunk(shared)
             if self._vit:  # tokens (B, N, C) -> (B, C, gh, gw)
-                x = feature_map(self._backbone_ref[0], x, height, width)
+                x = feature_map(self.shared.vit, x, height, width)
             out.append(pool(x))
             if rows * cols > 1:
                 out.extend(pool(cell) for cell in split_map(x, rows, cols))
