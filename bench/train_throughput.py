@@ -2,17 +2,19 @@
 
 For each family (BoT, MGN, PCB, BoT-IBN-a, ViT-S) and each setting of the fast paths
 ("off": fp32, contiguous NCHW, eager; "on": bf16 autocast, channels-last for CNNs,
-torch.compile; "bf16_cl": the same without compile), one run measures in the same process, on the same images, model and batch
-(P x K):
+torch.compile; "bf16_cl": the same without compile), one run measures in the same
+process, on the same images, model and batch (P x K):
 
 - a plain single-process PyTorch loop (no Ray, no DDP), with as many threads as the Ray run
-  has workers (the same CPU budget);
+  has workers (the same CPU budget; the default, 1 worker vs 1 thread, isolates what Ray
+  Train itself costs, without DDP's all-reduce or OpenMP threads competing on busy cores);
 - our Ray Train loop (`run_training`, DDP over `--workers`), images/s of its last epoch;
 
 and, once, the data loader alone (decode + augment, no model) with and without
 `data.cache: ram`. On a GPU machine the plain loop runs on one GPU (so does each Ray worker).
 
     python bench/train_throughput.py                      # every family, paths off and on
+    python bench/train_throughput.py --workers 2          # DDP over 2 workers vs 2 threads
     python bench/train_throughput.py --families bot mgn --paths off --no-ray
     python bench/train_throughput.py --backbone resnet50 --height 256 --width 128
     python bench/train_throughput.py --smoke-test
@@ -185,7 +187,8 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batches", type=int, default=10, help="batches per epoch per worker")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray Train workers (the plain loop gets as many threads)")
     parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--no-ray", action="store_true", help="plain loop (and loader) only")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader lines")

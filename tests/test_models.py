@@ -728,6 +728,17 @@ def test_mgn_bad_settings():
         build_model(ModelConfig(arch="mgn", backbone="test_efficientnet"), 3)
 
 
+def test_check_model_fails_in_the_driver_without_memory():
+    from reid_platform.models import check_model
+
+    check_model(ModelConfig(arch="mgn", backbone="resnet50", ibn="a", non_local=(0, 2, 3, 0)),
+                (384, 128))  # a 70M-parameter model on the meta device: instant, no memory
+    with pytest.raises(ModelError, match=r"8x4 feature map into 12x1 parts \(model.parts"):
+        check_model(ModelConfig(arch="pcb", backbone="resnet18", pcb_stripes=12), (128, 64))
+    with pytest.raises(ModelError, match="model.ibn=a needs a timm ResNet-family"):
+        check_model(ModelConfig(backbone="test_vit", ibn="a"), (64, 32))
+
+
 def test_pcb_stripes_and_rpp_match_hand_pooling():
     torch.manual_seed(0)
     config = ModelConfig(arch="pcb", backbone="test_resnet", pcb_stripes=4, part_dim=8)

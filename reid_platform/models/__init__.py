@@ -16,6 +16,7 @@ from reid_platform.models.archs import (
     PCBModel,
     RefinedPartPooling,
     build_model,
+    check_model,
     parse_split,
     split_map,
 )
@@ -48,7 +49,7 @@ __all__ = [
     "ARCHS", "FEATURES", "HEADS", "IBN", "POOLINGS", "TIMM_HUB", "ArcFaceHead", "BoTModel",
     "BranchOutput", "BranchSpec", "CosFaceHead", "GeM", "LinearHead", "MGNModel", "ModelError",
     "NetVLAD", "NonLocalBlock", "PCBModel", "RefinedPartPooling", "ReidModel", "ReidOutput",
-    "apply_ibn", "build_backbone", "build_model", "build_pooling", "check_backbone",
+    "apply_ibn", "build_backbone", "build_model", "build_pooling", "check_backbone", "check_model",
     "concat_embedding", "create_backbone", "insert_non_local", "parse_split", "resnet_stages",
     "set_last_stride_1", "set_patch_stride", "split_map",
 ]

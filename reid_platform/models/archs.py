@@ -153,8 +153,9 @@ def split_map(x: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
     """Cut a map (B, C, h, w) into rows x cols cells, row-major (uneven sizes allowed)."""
     if rows > x.shape[2] or cols > x.shape[3]:
         raise ModelError(
-            f"cannot cut a {x.shape[2]}x{x.shape[3]} feature map into {rows}x{cols} parts: use "
-            "larger images (data.height/width) or fewer parts"
+            f"cannot cut a {x.shape[2]}x{x.shape[3]} feature map into {rows}x{cols} parts "
+            "(model.parts / model.pcb_stripes): use larger images (data.height, data.width) "
+            "or fewer parts"
         )
     return [cell for band in torch.tensor_split(x, rows, dim=2)
             for cell in torch.tensor_split(band, cols, dim=3)]
@@ -388,3 +389,19 @@ def build_model(config: ModelConfig, num_classes: int,
     if config.arch not in ARCHS:
         raise ModelError(f"model.arch={config.arch!r}; choose one of {sorted(ARCHS)}")
     return ARCHS[config.arch](config, num_classes, tuple(input_size))
+
+
+def check_model(config: ModelConfig, input_size: tuple[int, int] = DEFAULT_INPUT_SIZE) -> None:
+    """Build the model and run one image through it on the meta device (no memory, no
+    weights), so a setting the model cannot take fails in the driver with its clear error
+    rather than in every Ray worker.
+
+    Raises:
+        ModelError: e.g. `model.ibn` on a ViT, MGN parts that do not fit the feature map.
+    """
+    import dataclasses
+
+    meta_config = dataclasses.replace(config, pretrained="")  # weights are not needed here
+    with torch.device("meta"):
+        model = build_model(meta_config, 2, input_size)
+        model.eval()(torch.empty(1, 3, *input_size))
