@@ -196,6 +196,26 @@ class PartHeads(nn.Module):
         return out
 
 
+class PartModel(ReidModel):
+    """A model whose branches are pooled (B, C) features (global and parts), each through its
+    own reduction, BNNeck and head (`parts_head`); subclasses implement `pooled`."""
+
+    parts_head: PartHeads
+
+    def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One (B, C) pooled feature per branch, in `branches` order."""
+        raise NotImplementedError
+
+    def forward_branches(
+        self,
+        images: torch.Tensor,
+        pids: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        logits: bool = True,
+    ) -> list[BranchOutput]:
+        return self.parts_head(self.pooled(images), pids, logits)
+
+
 class _ViTShared(nn.Module):
     """A ViT up to (not including) its last block: image -> tokens (B, N, C)."""
 
@@ -239,7 +259,7 @@ def split_trunk(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
     )
 
 
-class MGNModel(ReidModel):
+class MGNModel(PartModel):
     """Multiple Granularity Network; see the module docstring.
 
     Branch names: `b{i}_global` (metric losses), `b{i}_part{j}` (ID loss only), one branch
@@ -293,15 +313,6 @@ class MGNModel(ReidModel):
                 out.extend(pool(cell) for cell in split_map(x, rows, cols))
         return out
 
-    def forward_branches(
-        self,
-        images: torch.Tensor,
-        pids: torch.Tensor | None = None,
-        modality: torch.Tensor | None = None,
-        logits: bool = True,
-    ) -> list[BranchOutput]:
-        return self.parts_head(self.pooled(images), pids, logits)
-
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.shared.parameters()
         yield from self.trunks.parameters()
@@ -321,7 +332,7 @@ class RefinedPartPooling(nn.Module):
         return weighted / prob.sum(dim=2, keepdim=True).clamp(min=1e-6)
 
 
-class PCBModel(ReidModel):
+class PCBModel(PartModel):
     """Part-based Convolutional Baseline (+ RPP); see the module docstring.
 
     Args:
@@ -360,15 +371,6 @@ class PCBModel(ReidModel):
         if self.rpp is not None:
             return list(self.rpp(x).unbind(dim=1))
         return [self.pool(stripe) for stripe in split_map(x, self.stripes, 1)]
-
-    def forward_branches(
-        self,
-        images: torch.Tensor,
-        pids: torch.Tensor | None = None,
-        modality: torch.Tensor | None = None,
-        logits: bool = True,
-    ) -> list[BranchOutput]:
-        return self.parts_head(self.pooled(images), pids, logits)
 
 
 # Architectures by `model.arch`: a new one is a ReidModel subclass and one entry here.
