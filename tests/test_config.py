@@ -131,7 +131,7 @@ def test_wrong_type_names_key(override, key):
 @pytest.mark.parametrize(
     "override,choices",
     [
-        ("model.pooling=max", "['avg', 'gem']"),
+        ("model.pooling=minmax", "['avg', 'gem', 'max', 'netvlad']"),
         ("model.head=softmax", "['linear', 'cosface', 'arcface']"),
         ("loss.distance=l1", "['euclidean', 'cosine']"),
         ("data.format=coco", "'market1501'"),

@@ -579,7 +579,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, features: torch.Tensor,
                 local = features[mine].clone().requires_grad_(True)
                 value = term(one_branch(local, local), {"pid": pids[mine]})
                 value.backward()
-            out[name] = (float(value), local.grad.clone())
+            # numpy pickles by value: a tensor would be shared through a file descriptor that
+            # dies with this process
+            out[name] = (float(value), local.grad.numpy().copy())
         results.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -623,5 +625,6 @@ def test_zoo_under_ddp_gathers_before_mining(tmp_path):
         for rank in range(2):
             loss_r, grad_r = got[rank][name]
             assert loss_r / 2 == pytest.approx(value.item(), rel=1e-4), name
-            torch.testing.assert_close(grad_r / 2, full.grad[rank * 8:(rank + 1) * 8],
+            torch.testing.assert_close(torch.from_numpy(grad_r) / 2,
+                                       full.grad[rank * 8:(rank + 1) * 8],
                                        rtol=1e-4, atol=1e-6)
