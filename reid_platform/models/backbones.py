@@ -41,6 +41,8 @@ from timm.models.resnet import ResNet  # noqa: E402
 
 # `model.pretrained` value that asks for timm's own (hub-cached) ImageNet weights.
 TIMM_HUB = "timm"
+# An ImageNet classifier is dropped on purpose (num_classes=0): never reported as unplaced.
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
 DEFAULT_INPUT_SIZE = (256, 128)
 
 
@@ -109,11 +111,11 @@ def create_backbone(name: str, pretrained: str = "",
     # Tensors timm could not place (e.g. IBN-Net's own bn1.IN / bn1.BN) may fit the model
     # once the modifiers have run: `build_backbone` loads them then.
     own = model.state_dict()
-    model.pending_weights = (str(path), {k: v for k, v in raw.items() if k not in own})
+    rest = {k: v for k, v in raw.items()
+            if k not in own and not k.startswith(CLASSIFIER_PREFIXES)}
+    if rest:
+        model.pending_weights = (str(path), rest)
     return model
-
-
-CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
@@ -415,9 +417,7 @@ def build_backbone(config: ModelConfig,
         set_patch_stride(backbone, config.patch_stride)
     if pending is not None:
         del backbone.pending_weights
-        source, rest = pending
-        if rest:
-            load_matching(backbone, rest, source)
+        load_matching(backbone, pending[1], pending[0])
     return backbone
 
 
