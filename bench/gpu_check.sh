@@ -61,8 +61,12 @@ if [[ $SKIP_INSTALL == 0 ]]; then
   fi
   rm -f "$log"
 fi
-"$PY" -c 'import json, torch, faiss; print(json.dumps({"check": "environment", "ok": torch.cuda.is_available(), "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "faiss_gpus": faiss.get_num_gpus()}))' ||
-  fail environment "torch/faiss do not import in $PY"
+if env_line=$("$PY" -c 'import json, torch, faiss; print(json.dumps({"check": "environment", "ok": torch.cuda.is_available(), "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "faiss_gpus": faiss.get_num_gpus()}))' 2>&1); then
+  echo "$env_line" | tail -1
+  [[ "$env_line" == *'"ok": true'* ]] && STATUS[environment]=true || STATUS[environment]=false
+else
+  fail environment "torch/faiss do not import in $PY: $env_line"
+fi
 
 LOADERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 COMMON=(--backbone resnet50 --height 256 --width 128 --p 16 --k 4 --batches 30
@@ -102,7 +106,7 @@ PYEOF
 
 python3 - "$(declare -p STATUS)" <<'PYEOF'
 import json, re, sys
-status = dict(re.findall(r'\[(\w+)\]=(\w+)', sys.argv[1]))
+status = dict(re.findall(r'\[(\w+)\]="?(\w+)', sys.argv[1]))
 print(json.dumps({"check": "summary", "ok": all(v == "true" for v in status.values()),
                   "steps": {k: v == "true" for k, v in status.items()}}))
 PYEOF
