@@ -39,6 +39,7 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, float] | None = None,
     training_state: dict[str, Any] | None = None,
+    mlflow_run: dict[str, str] | None = None,
 ) -> Path:
     """Write `directory/model.pt` atomically (temp file + rename); returns the directory.
 
@@ -48,6 +49,8 @@ def save_checkpoint(
         epoch: epochs completed.
         metrics: latest evaluation metrics, stored for reference.
         training_state: optimizer/scheduler/center-loss states needed to resume.
+        mlflow_run: {"tracking_uri", "run_id"} of the training run that wrote it, so later
+            jobs (export, evaluation, index builds) can log to it and record lineage.
     """
     payload = {
         "format": FORMAT,
@@ -57,6 +60,7 @@ def save_checkpoint(
         "epoch": epoch,
         "metrics": metrics or {},
         "training_state": training_state or {},
+        "mlflow_run": dict(mlflow_run or {}),
     }
     return _write(directory, payload)
 
@@ -100,13 +104,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         # weights_only refuses globals it does not know: the file wants to build Python
         # objects (possibly run code) on load. Never retry with weights_only=False.
-        globals_ = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
-        if not globals_:
-            raise CheckpointError(f"{file}: cannot read checkpoint (damaged file)") from None
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((x for x in lines if "GLOBAL" in x or x.startswith("Unsupported")),
+                      lines[-1] if lines else "")
         raise CheckpointError(
-            f"{file}: refused: the file holds Python objects other than tensors and plain "
-            f"data, so loading it could run code ({globals_[0][:200]}); only checkpoints "
-            "written by reid-platform (weights, config, metrics, optimizer state) are loaded"
+            f"{file}: cannot read checkpoint: refused by the safe loader, which accepts only "
+            f"tensors and plain data ({detail[:200]}); the file is damaged or holds Python "
+            "objects that could run code when loaded. Only checkpoints written by "
+            "reid-platform (weights, config, metrics, optimizer state) are loaded"
         ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{file}: cannot read checkpoint ({err})") from None

@@ -163,7 +163,7 @@ def test_bad_input_is_a_clear_error(tmp_path, workspace):
         ([f"data.root={keep.parent}"], "refusing to overwrite it"),
         (["model.backbone=resnet_50"], "is not a timm model; similar names"),
         ([f"train.resume_from={tmp_path / 'nope'}"], "train.resume_from="),
-        (["train.num_workers=0"], "train.num_workers=0 must be >= 1"),
+        (["train.num_workers=-1"], "train.num_workers=-1 must be >= 1 (Ray Train DDP workers)"),
     ]:
         proc = subprocess.run(
             [sys.executable, "jobs/train.py", "--set", *args], cwd=REPO, env=env,

@@ -22,6 +22,7 @@ modality-specific shallow layers copies the first stages per modality.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import warnings
 from collections.abc import Sequence
@@ -49,8 +50,11 @@ DEFAULT_INPUT_SIZE = (256, 128)
 def check_backbone(name: str) -> None:
     """Raise ModelError, listing similar names, unless `name` is a timm model."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6,
+                                          cutoff=0.5)
+        hint = f"similar names: {close} (did you mean {close[0]!r}?)" if close else (
+            "see timm.list_models()")
+        raise ModelError(f"model.backbone={name!r} is not a timm model; {hint}")
 
 
 def is_transformer(name: str) -> bool:

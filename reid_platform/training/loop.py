@@ -1,7 +1,8 @@
-"""The per-worker training loop: the only module that talks to `ray.train`.
+"""The per-worker training loop; it reaches Ray Train only through its session.
 
 Each Ray Train worker runs `train_loop_per_worker(loop_config)` with a plain dict:
-    {"config": Config.to_dict(), "tracking_uri": str, "run_id": str | None}
+    {"config": Config.to_dict(), "tracking_uri": str, "run_id": str | None,
+     "progress_bar": bool (rank 0 draws a per-epoch bar on the driver's terminal)}
 It reads top to bottom in four steps:
 
     run = WorkerRun(loop_config)        set-up: data, model (DDP), loss, optimizer, resume
@@ -22,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 
 from reid_platform.checkpoint import read_checkpoint, save_checkpoint
@@ -41,6 +40,7 @@ from reid_platform.runtime import amp_dtype, amp_enabled
 from reid_platform.tracking import RunLogger
 from reid_platform.training.fast import CompiledForward, train_dataset, use_channels_last
 from reid_platform.training.schedule import WarmupSchedule
+from reid_platform.training.session import LocalSession, RaySession
 from reid_platform.training.swa import make_swa_model, recompute_batchnorm
 
 # The final model's metrics are the headline ones; with SWA the final model is the averaged
@@ -72,24 +72,9 @@ def _unwrap(model: torch.nn.Module) -> ReidModel:
     return model.module if hasattr(model, "module") else model  # DDP wraps in .module
 
 
-def _load_resume_state(config: Config) -> tuple[dict[str, Any] | None, bool]:
-    """Ray's checkpoint after a worker failure first, then the user's `train.resume_from`.
-
-    Returns:
-        (checkpoint payload or None, whether it is this run's own checkpoint from Ray).
-    """
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            return read_checkpoint(directory), True
-    if config.train.resume_from:
-        return read_checkpoint(config.train.resume_from), False
-    return None, False
-
-
 def _prepare_data(config: Config) -> tuple[ReidDataset, list[Sample], int]:
     """(dataset, balanced training samples with pids 0..N-1, N)."""
-    dataset = load_config_dataset(config)
+    dataset = load_config_dataset(config, report=False)  # the driver reported what it ignored
     data = config.data
     train, pid_map = balance(
         dataset.train, data.drop_single_image_ids, data.oversample_min, data.oversample_max,
@@ -119,14 +104,17 @@ class WorkerRun:
         loop_config: see the module docstring.
     """
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, loop_config: dict[str, Any], session: RaySession | LocalSession):
         config = self.config = Config.from_dict(loop_config["config"])
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.session = session
+        self.rank, self.world = session.rank, session.world_size
         self.is_main = self.rank == 0
+        self.progress_bar = bool(loop_config.get("progress_bar")) and self.is_main
         self.logger = RunLogger(loop_config["tracking_uri"],
                                 loop_config.get("run_id") if self.is_main else None)
-        self.device = device = ray.train.torch.get_device()
+        self.mlflow_run = ({"tracking_uri": loop_config["tracking_uri"],
+                            "run_id": loop_config["run_id"]} if loop_config.get("run_id") else {})
+        self.device = device = session.device
         self.use_amp = amp_enabled(config.train.amp, device)
         self.amp_dtype = amp_dtype(config.train.amp)
         torch.manual_seed(config.train.seed)
@@ -140,7 +128,11 @@ class WorkerRun:
 
         self.start_epoch = 0
         self.best_score, self.best_epoch = -math.inf, 0
-        state, restarted = _load_resume_state(config)
+        # This run's own checkpoint after a worker failure, else the user's train.resume_from
+        state, self._orphans = session.restart_checkpoint()
+        restarted = state is not None
+        if state is None and config.train.resume_from:
+            state = read_checkpoint(config.train.resume_from)
         if state is not None:
             if state["num_classes"] != num_classes:
                 raise ValueError(
@@ -156,7 +148,7 @@ class WorkerRun:
         self.channels_last = use_channels_last(config.train.channels_last, device, model)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = ray.train.torch.prepare_model(model)  # DDP on the right device (gloo/NCCL)
+        self.model = session.prepare_model(model)  # DDP on the right device (Ray)
         self.forward = CompiledForward(self.model) if config.train.compile else self.model
         self.criterion.to(device)
         if self.swa_model is not None:
@@ -172,6 +164,7 @@ class WorkerRun:
             [s.pid for s in train_samples], data.num_ids_per_batch, data.num_instances,
             num_replicas=self.world, rank=self.rank, seed=config.train.seed,
             batches_per_epoch=config.train.batches_per_epoch,
+            max_images_per_id=data.max_images_per_id,
         )
         # Our own batch sampler: the loader is NOT passed to prepare_data_loader, which would
         # replace the sampler with a DistributedSampler and break PK batches.
@@ -233,6 +226,14 @@ class WorkerRun:
         config, device = self.config, self.device
         self.sampler.set_epoch(epoch)
         iters = max(len(self.sampler), 1)  # PK batch counts vary a little per epoch
+        train = config.train
+        if self.is_main and train.swa_epochs > 0 and epoch == train.epochs - train.swa_epochs:
+            print(f"[train] SWA phase: the weights of the last {train.swa_epochs} epoch(s) are "
+                  f"averaged, at a constant lr {train.lr * train.swa_lr_factor:.2e}", flush=True)
+        bar = None
+        if self.progress_bar:
+            bar = self.session.progress_bar(f"[train] epoch {epoch + 1}/{train.epochs}",
+                                            iters * self.sampler.batch_size * self.world)
         self.model.train()
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -251,9 +252,13 @@ class WorkerRun:
                 sums[name] = sums.get(name, 0.0) + value
             images += batch["image"].shape[0]
             batches += 1
+            if bar is not None:
+                bar.update(batch["image"].shape[0] * self.world)
             if self.is_main and config.train.log_every and (it + 1) % config.train.log_every == 0:
                 print(f"[train] epoch {epoch + 1} iter {it + 1}/{iters} "
                       f"loss {terms['loss']:.4f} lr {lr:.2e}", flush=True)
+        if bar is not None:
+            bar.close()
         elapsed = time.perf_counter() - start
         metrics = {k: v / max(batches, 1) for k, v in sums.items()}
         metrics.update(
@@ -327,19 +332,24 @@ class WorkerRun:
         run resumed after a failure has exactly one value per metric per epoch.
         """
         if not self.is_main:
-            ray.train.report(metrics)
+            self.session.report(metrics, None)
             return
         if "score" in metrics and metrics["score"] > self.best_score:
             self.best_score, self.best_epoch = float(metrics["score"]), epoch
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, net, self.config, epoch, metrics)
+                save_checkpoint(tmp, net, self.config, epoch, metrics,
+                                mlflow_run=self.mlflow_run)
                 self.logger.log_artifact(tmp, "checkpoints/best")
             self.logger.set_tags({"best_score": f"{self.best_score:.6f}",
                                   "best_epoch": str(self.best_epoch)})
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            save_checkpoint(tmp, net, self.config, epoch, metrics, self.training_state(),
+                            mlflow_run=self.mlflow_run)
+            self.session.report(metrics, tmp)
         self.logger.log_metrics_once(metrics, step=epoch)
+        if self._orphans:  # a newer checkpoint now exists: drop those a failure left behind
+            self.session.remove(self._orphans)
+            self._orphans = []
 
     def progress_line(self, metrics: dict[str, float], eta_s: float) -> str:
         epochs = self.config.train.epochs
@@ -383,9 +393,11 @@ class WorkerRun:
         return [k for k in keys if k in metrics]
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train with DDP; see the module docstring for `loop_config` and the steps."""
-    run = WorkerRun(loop_config)
+def train_loop_per_worker(loop_config: dict[str, Any],
+                          session: RaySession | LocalSession | None = None) -> None:
+    """Train with DDP (in a Ray Train worker) or in this process (`session`, debug mode);
+    see the module docstring for `loop_config` and the steps."""
+    run = WorkerRun(loop_config, session or RaySession())
     config, epochs = run.config, run.config.train.epochs
     if epochs == 0 or run.start_epoch >= epochs:
         # Nothing (left) to train: evaluate the model as it is.
