@@ -83,7 +83,8 @@ def make_checkpoint(directory: Path, args: argparse.Namespace):
     config = Config().replace(
         **{"model.backbone": args.backbone, "data.height": args.height, "data.width": args.width}
     )
-    model = build_model(config.model, num_classes=751).eval()
+    model = build_model(config.model, num_classes=751,
+                        input_size=(args.height, args.width)).eval()
     return save_checkpoint(directory / "checkpoint", model, config, epoch=0), model
 
 

@@ -26,7 +26,7 @@ from reid_platform.checkpoint import CheckpointError, read_checkpoint, slim_copy
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
 from reid_platform.data.root import load_config_dataset, resolve_data_root
-from reid_platform.models import check_backbone
+from reid_platform.models import TIMM_HUB, check_backbone, check_model, create_backbone
 from reid_platform.runtime import cluster_gpus, init_ray, verbose
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
@@ -67,8 +67,12 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
     check_backbone(config.model.backbone)
+    check_model(config.model, (config.data.height, config.data.width))
     overrides = {}
-    if config.model.pretrained:
+    if config.model.pretrained == TIMM_HUB:
+        # fetched into timm's hub cache here once (or found there offline), before the workers
+        create_backbone(config.model.backbone, TIMM_HUB)
+    elif config.model.pretrained:
         overrides["model.pretrained"] = _absolute_file(config.model.pretrained, "model.pretrained")
     if config.train.resume_from:
         overrides["train.resume_from"] = _absolute_file(
