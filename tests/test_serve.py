@@ -46,6 +46,11 @@ def app_args(index_dir: Path, name: str, **overrides) -> dict:
         "shard_num_cpus": 0.1,
         "auth_token": TOKEN if name == "s1" else "",
         "shard_replicas": 2 if name == "s1" else 1,
+        # s1: docs behind the token, no paths in results; s3: public docs, relative paths, and
+        # a short write lock wait so that a held lock fails a write quickly.
+        "docs_public": name != "s1",
+        "metadata_path": "omit" if name == "s1" else "relative",
+        "write_timeout_s": 2.0,
     }
     args.update(overrides)
     return args
@@ -119,15 +124,14 @@ def gallery(tiny_market, checkpoint) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def index_dirs(tmp_path_factory, gallery, checkpoint) -> dict[str, Path]:
+def index_dirs(tmp_path_factory, gallery, checkpoint, tiny_market) -> dict[str, Path]:
     from reid_platform.retrieval import ShardedIndex
 
     out = {}
+    extra = {"checkpoint": str(checkpoint), "gallery": str(tiny_market)}  # as build_index
     for name, shards in APPS.items():
         path = tmp_path_factory.mktemp("serve") / f"index-{name}"
-        with ShardedIndex.create(
-            path, gallery.vectors.shape[1], shards, extra={"checkpoint": str(checkpoint)}
-        ) as index:
+        with ShardedIndex.create(path, gallery.vectors.shape[1], shards, extra=extra) as index:
             index.add(gallery.ids, gallery.vectors, gallery.metadata)
             index.save()
         out[name] = path
@@ -286,7 +290,12 @@ def test_search_equals_brute_force_over_embed(clients, gallery, query_images, na
             assert_same_ranking(results, [gallery.ids[j] for j in top], scores[top])
         if n == 0:
             hit = results[0]
-            assert hit["metadata"] == gallery.metadata[gallery.ids.index(hit["id"])]
+            stored = dict(gallery.metadata[gallery.ids.index(hit["id"])])
+            if name == "s1":  # metadata_path "omit"
+                del stored["path"]
+            else:  # "relative": to the gallery root, never the server's absolute path
+                stored["path"] = hit["id"]  # ids are paths relative to the root here
+            assert hit["metadata"] == stored
             as_json = client.post(
                 "/v1/search", json={"image_b64": base64.b64encode(image).decode(), "k": 3}
             )

@@ -230,10 +230,13 @@ class Shard:
     Open with `open_shard(index_dir, shard_id)`; `ShardedIndex` holds one per shard.
     """
 
-    def __init__(self, shard_dir: Path, use_gpu: bool | None = None):
+    def __init__(
+        self, shard_dir: Path, use_gpu: bool | None = None, lock_timeout_s: float | None = None
+    ):
         self.shard_dir = shard_dir
         self._lock = threading.RLock()
-        self._db = _connect(shard_dir / DB_NAME)
+        self._lock_timeout_s = WRITE_LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+        self._db = _connect(shard_dir / DB_NAME, self._lock_timeout_s)
         self._search_params: dict[str, int] = {}
         self._use_gpu = _gpu_available() if use_gpu is None else use_gpu
         self._gpu_index: faiss.Index | None = None
@@ -576,7 +579,7 @@ class Shard:
                 raise
             raise ShardLockedError(
                 f"{self.shard_dir / DB_NAME}: another writer held the write lock for more "
-                f"than {WRITE_LOCK_TIMEOUT_S:.0f} s; retry the write"
+                f"than {self._lock_timeout_s:g} s; retry the write"
             ) from None
         try:
             version = self._data_version()
@@ -890,20 +893,27 @@ def shard_path(index_dir: str | os.PathLike, shard_id: int) -> Path:
     return Path(index_dir) / SHARD_DIR_FORMAT.format(shard_id)
 
 
-def open_shard(index_dir: str | os.PathLike, shard_id: int, use_gpu: bool | None = None) -> Shard:
+def open_shard(
+    index_dir: str | os.PathLike,
+    shard_id: int,
+    use_gpu: bool | None = None,
+    lock_timeout_s: float | None = None,
+) -> Shard:
     """Open one shard of a sharded index (what a Serve shard deployment calls).
 
     Args:
         index_dir: directory made by `ShardedIndex.create`.
         shard_id: 0 <= shard_id < num_shards.
         use_gpu: search on all GPUs (Flat/IVF); None means "when faiss sees a GPU".
+        lock_timeout_s: how long a write waits for another writer's lock before
+            ShardLockedError; None = WRITE_LOCK_TIMEOUT_S.
     """
     manifest = read_manifest(index_dir)
     if not 0 <= shard_id < manifest["num_shards"]:
         raise ValueError(
             f"shard_id {shard_id} out of range for {index_dir} ({manifest['num_shards']} shards)"
         )
-    shard = Shard(shard_path(index_dir, shard_id), use_gpu=use_gpu)
+    shard = Shard(shard_path(index_dir, shard_id), use_gpu=use_gpu, lock_timeout_s=lock_timeout_s)
     for field in ("dim", "metric", "index_type"):
         if getattr(shard, field) != manifest[field]:
             shard.close()
@@ -1344,16 +1354,15 @@ def _pad_scores(rows: Sequence[np.ndarray], num_queries: int) -> np.ndarray:
     return out
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, timeout_s: float | None = None) -> sqlite3.Connection:
     """Shard db with a WAL journal fsynced on every commit (a write is durable when acked).
 
     Autocommit mode (isolation_level None): `Shard` opens its transactions itself, BEGIN
     IMMEDIATE for writes (SQLite's cross-process write lock) and BEGIN for consistent reads.
     """
     # check_same_thread=False: Shard serialises access with its own lock.
-    db = sqlite3.connect(
-        path, check_same_thread=False, isolation_level=None, timeout=WRITE_LOCK_TIMEOUT_S
-    )
+    timeout_s = WRITE_LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value NOT NULL)")
