@@ -24,7 +24,7 @@ import _cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from reid_platform.retrieval.gallery import GALLERY_FORMATS
+    from reid_platform.retrieval.gallery import DEFAULT_BATCH_SIZE, GALLERY_FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="checkpoint directory or model.pt")
@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Flat, or a FAISS factory string such as IVF1024,PQ32 or HNSW32",
     )
     parser.add_argument("--out", help="index directory")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--workers",
         type=int,

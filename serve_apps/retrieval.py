@@ -24,7 +24,6 @@ resources asked and available. `/healthz` answers 503 until every deployment ans
 the ones that do not.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -566,6 +565,14 @@ def _parse_json(text: str | bytes, field: str, status: int) -> Any:
         raise HTTPException(status, f"{field} is not valid JSON: {_shown(str(err), 120)}") from None
 
 
+def _root_cause(err: BaseException) -> str:
+    """The user-facing reason of a failed shard call (Ray wraps the replica's exception)."""
+    cause = getattr(err, "cause", None) or err
+    if isinstance(cause, ShardLockedError) or "ShardLockedError" in type(cause).__name__:
+        return str(cause)
+    return f"{type(cause).__name__}: {_shown(str(cause), 200)}"
+
+
 class HopTimes:
     """Seconds spent in each step of a request, summed per step (one ingress replica)."""
 
@@ -1010,14 +1017,6 @@ class RetrievalIngress:
             elif self._gallery_root is not None and posix.is_relative_to(self._gallery_root):
                 meta["path"] = posix.relative_to(self._gallery_root).as_posix()
         return meta
-
-
-def _root_cause(err: BaseException) -> str:
-    """The user-facing reason of a failed shard call (Ray wraps the replica's exception)."""
-    cause = getattr(err, "cause", None) or err
-    if isinstance(cause, ShardLockedError) or "ShardLockedError" in type(cause).__name__:
-        return str(cause)
-    return f"{type(cause).__name__}: {_shown(str(cause), 200)}"
 
 
 # ---- app builder -------------------------------------------------------------------------

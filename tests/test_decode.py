@@ -21,7 +21,7 @@ from reid_platform.data.dataset import (
 from reid_platform.data.formats import Sample
 from reid_platform.data.transforms import build_eval_transform
 
-from bombs import png_bomb
+from hardening import png_bomb
 
 SIZE_MESSAGE = re.escape(
     f"image of 11000x11000 = 121000000 pixels is over the limit of {MAX_IMAGE_PIXELS}"

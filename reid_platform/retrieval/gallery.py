@@ -39,6 +39,7 @@ from reid_platform.runtime import gpus_per_actor, resolve_device
 GALLERY_FORMATS = ("auto", "market1501", "csv", "folder")
 # Manifest fields that must match for a re-run to add into an existing index.
 _REBUILD_KEYS = ("index_type", "num_shards", "metric", "dim")
+DEFAULT_BATCH_SIZE = 64  # images per forward pass (jobs/build_index.py --batch-size)
 _ADD_CHUNK = 4096  # vectors per ShardedIndex.add call (one SQLite transaction per shard)
 _TRAIN_SAMPLE = 65_536  # vectors buffered to train IVF/PQ types (>= 39 * 1024 lists of IVF1024)
 
@@ -55,16 +56,6 @@ class EmbeddedBatch:
     ids: list[str]
     vectors: np.ndarray  # (B, D) float32, L2-normalised
     skipped: list[str] = field(default_factory=list)  # "<path>: <why>" per corrupt image
-
-
-@dataclass
-class GalleryEmbeddings:
-    """A whole embedded gallery, sorted by id."""
-
-    ids: list[str]
-    vectors: np.ndarray  # (N, D) float32, L2-normalised
-    metadata: list[dict[str, Any]]
-    skipped: list[str]
 
 
 # ---- which images -------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def default_concurrency(num_gpus: float) -> int:
 def iter_gallery_embeddings(
     samples: Sequence[Sample],
     checkpoint: str | Path,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     concurrency: int | None = None,
     num_gpus: float | None = None,
     progress: bool = True,
@@ -269,36 +260,6 @@ def iter_gallery_embeddings(
             )
 
 
-def embed_gallery(
-    samples: Sequence[Sample],
-    checkpoint: str | Path,
-    batch_size: int = 64,
-    concurrency: int | None = None,
-    num_gpus: float | None = None,
-    progress: bool = False,
-) -> GalleryEmbeddings:
-    """All of `iter_gallery_embeddings` in memory, sorted by id, with each item's metadata."""
-    by_id = {s.item_id: s for s in samples}
-    ids: list[str] = []
-    vectors: list[np.ndarray] = []
-    skipped: list[str] = []
-    for batch in iter_gallery_embeddings(
-        samples, checkpoint, batch_size, concurrency, num_gpus, progress
-    ):
-        ids.extend(batch.ids)
-        vectors.append(batch.vectors)
-        skipped.extend(batch.skipped)
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    dim = vectors[0].shape[1] if vectors else 0
-    stacked = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
-    return GalleryEmbeddings(
-        ids=[ids[i] for i in order],
-        vectors=stacked[order],
-        metadata=[sample_metadata(by_id[ids[i]]) for i in order],
-        skipped=skipped,
-    )
-
-
 # ---- writing the index --------------------------------------------------------------------
 
 
@@ -309,7 +270,7 @@ def build_gallery_index(
     num_shards: int = 1,
     index_type: str = "Flat",
     fmt: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     concurrency: int | None = None,
     num_gpus: float | None = None,
     progress: bool = True,
