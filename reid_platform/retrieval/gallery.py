@@ -90,7 +90,7 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
     elif (path / "train").is_dir() and (path / "gallery").is_dir():
         samples = load_folder(path).gallery
     else:
-        samples = _all_images(path)
+        samples = folder_images(path)
     seen: dict[str, str] = {}
     for sample in samples:
         if sample.item_id in seen:
@@ -102,7 +102,9 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
     return samples, fmt
 
 
-def _all_images(root: Path) -> list[Sample]:
+def folder_images(root: Path) -> list[Sample]:
+    """Every image under `root` (ids: relative paths; a first-level folder names the
+    identity: pid numbers them, meta `identity` keeps the name; loose images get pid -1)."""
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
