@@ -27,6 +27,7 @@ the ones that do not.
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import os
@@ -132,6 +133,35 @@ class RetrievalArgs(BaseModel):
     ef_search: int | None = Field(None, ge=1, description="HNSW efSearch")
 
 
+# ---- loopback for every replica -------------------------------------------------------
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """Bind this replica's inter-deployment gRPC server to 127.0.0.1 when the node is loopback.
+
+    Ray Serve 2.60 starts that server in every replica on all interfaces ("[::]:0", no setting),
+    right after the deployment's constructor returns; every other Ray and Serve listener follows
+    the node address. On a node whose address is loopback (the platform's local Ray) callers
+    reach the replica at 127.0.0.1 anyway, so binding there loses nothing. Each deployment's
+    constructor calls this; on a cluster node (an outward address) it does nothing.
+    """
+    from ray.serve._private import replica
+
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "loopback_only", False):
+        return
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+
+    def bind_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    bind_loopback.loopback_only = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind_loopback
+
+
 # ---- fitting the app to the cluster ------------------------------------------------------
 
 
@@ -230,6 +260,7 @@ class Embedder:
     """
 
     def __init__(self, checkpoint: str, runtime: str = "torch", num_threads: int = 1):
+        keep_replica_grpc_on_loopback()
         # torch is imported here, not at module level: shard replicas import this module too.
         from reid_platform.retrieval.embedders import make_embedder
 
@@ -292,6 +323,7 @@ class IndexShard:
         batching: dict[str, float] | None = None,
         write_timeout_s: float = WRITE_LOCK_TIMEOUT_S,
     ):
+        keep_replica_grpc_on_loopback()
         self.shard = open_shard(index_dir, shard_id, lock_timeout_s=write_timeout_s)
         if nprobe is not None or ef_search is not None:
             self.shard.set_search_params(nprobe=nprobe, ef_search=ef_search)
@@ -599,6 +631,7 @@ class RetrievalIngress:
     def __init__(
         self, embedder: DeploymentHandle, shards: list[DeploymentHandle], settings: dict[str, Any]
     ):
+        keep_replica_grpc_on_loopback()
         # The ingress decodes (so bad images fail here, with a 400); that module needs torch.
         from reid_platform.data.dataset import ImageDecodeError, decode_image
 

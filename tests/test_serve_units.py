@@ -91,3 +91,42 @@ def test_result_paths_follow_the_setting():
     assert public(
         SimpleNamespace(metadata_path="relative", _gallery_root=None), {"path": "r.jpg"}
     ) == {"path": "r.jpg"}
+
+
+def test_coalesced_shard_search_equals_each_request_alone(tmp_path):
+    """The shard's batch handler: requests with different k and filters, searched together
+    (one FAISS call per distinct filter), each get exactly what searching alone gives."""
+    from collections import Counter
+
+    import numpy as np
+
+    from reid_platform.retrieval import ShardedIndex, open_shard
+    from serve_apps.retrieval import IndexShard
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"g{i}" for i in range(300)]
+    with ShardedIndex.create(tmp_path / "idx", 16, 1) as index:
+        index.add(ids, vectors, [{"camid": i % 3, "pid": i % 17} for i in range(300)])
+    shard = open_shard(tmp_path / "idx", 0)
+    holder = SimpleNamespace(shard=shard, batch_sizes=Counter())
+    requests = []
+    for n in range(12):
+        queries = rng.standard_normal((1 + n % 3, 16)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        where = [None, {"camid": 1}, {"pid": [2, 3]}][n % 3]
+        exclude = {"camid": 0} if n % 4 == 0 else None
+        requests.append({"queries": queries, "k": 1 + 3 * n, "where": where, "exclude": exclude})
+    together = IndexShard.func_or_class._search_many(holder, requests)
+    for request, got in zip(requests, together):
+        scores, found, meta = shard.search_with_metadata(
+            request["queries"], request["k"], request["where"], request["exclude"]
+        )
+        assert got["ids"] == found and got["metadata"] == meta
+        np.testing.assert_array_equal(got["scores"], scores)
+    # 12 requests, 6 distinct filters: 6 FAISS calls of several requests' queries each
+    assert sum(holder.batch_sizes.values()) == 6
+    assert sum(s * n for s, n in holder.batch_sizes.items()) == sum(
+        len(r["queries"]) for r in requests
+    )
