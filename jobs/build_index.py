@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)",
     )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: average each image's embedding with its mirror image's (the service and "
+        "jobs/search.py then embed queries the same way)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--smoke-test",
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 concurrency=args.workers,
                 num_gpus=args.num_gpus,
                 progress=not args.no_progress,
+                tta=args.tta,
             )
         except IndexBuildError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -55,6 +55,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from reid_platform.retrieval.index import (
     WRITE_LOCK_TIMEOUT_S,
     ShardLockedError,
+    UnknownIdError,
     check_filter,
     merge_topk,
     open_shard,
@@ -85,6 +86,11 @@ class RetrievalArgs(BaseModel):
     index_dir: str = Field(description="index directory written by jobs/build_index.py")
     checkpoint: str = Field("", description="model checkpoint; empty: the index manifest's")
     runtime: Literal["torch"] = Field("torch", description="how the Embedder runs the model")
+    tta: Literal["auto", "none", "flip"] = Field(
+        "auto",
+        description="flip: average each embedding with its mirror image's; auto: as the index "
+        "was built (manifest extra.tta)",
+    )
     max_batch_size: int = Field(
         DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024, description="Embedder batch (user_config)"
     )
@@ -259,12 +265,15 @@ class Embedder:
     least `max_batch_size` for full batches to form; `build_app` sets it.
     """
 
-    def __init__(self, checkpoint: str, runtime: str = "torch", num_threads: int = 1):
+    def __init__(
+        self, checkpoint: str, runtime: str = "torch", num_threads: int = 1, flip: bool = False
+    ):
         keep_replica_grpc_on_loopback()
         # torch is imported here, not at module level: shard replicas import this module too.
         from reid_platform.retrieval.embedders import make_embedder
 
         self.model = make_embedder(runtime, checkpoint, "auto", num_threads)
+        self.flip = flip
         self.batch_sizes: Counter[int] = Counter()
         self.max_batch_size, self.batch_wait_timeout_s = (
             DEFAULT_MAX_BATCH_SIZE,
@@ -289,12 +298,13 @@ class Embedder:
     async def embed_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.batch_sizes[len(images)] += 1
         # In a thread, so requests keep joining the next batch while this one runs.
-        vectors = await asyncio.to_thread(self.model.embed, images)  # (B, D)
+        vectors = await asyncio.to_thread(self.model.embed, images, self.flip)  # (B, D)
         return list(vectors)
 
     def info(self) -> dict[str, Any]:
         return {
             **self.model.info(),
+            "tta": "flip" if self.flip else "none",
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
             "batch_sizes_seen": {str(size): n for size, n in sorted(self.batch_sizes.items())},
@@ -384,8 +394,6 @@ class IndexShard:
 
     def remove(self, ids: list[str]) -> dict[str, Any]:
         """Remove items; unknown ids remove nothing and are listed (the ingress answers 404)."""
-        from reid_platform.retrieval.index import UnknownIdError
-
         try:
             removed = self.shard.remove(ids)
         except UnknownIdError as err:
@@ -816,7 +824,7 @@ class RetrievalIngress:
         return {
             "model": {
                 k: info[k]
-                for k in ("checkpoint", "backbone", "dim", "device", "input_size", "runtime")
+                for k in ("checkpoint", "backbone", "dim", "device", "input_size", "runtime", "tta")
             },
             "index": self.index,
             "items_per_shard": counts,
@@ -1091,6 +1099,8 @@ def build_app(args: RetrievalArgs) -> Application:
         # loopback-only local Ray as the jobs (or join $RAY_ADDRESS).
         init_ray()
     num_shards = int(manifest["num_shards"])
+    # Queries must be embedded as the gallery was (jobs/build_index.py --tta).
+    tta = manifest.get("extra", {}).get("tta", "none") if args.tta == "auto" else args.tta
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cpus = plan_cpus(
         num_shards,
@@ -1118,7 +1128,7 @@ def build_app(args: RetrievalArgs) -> Application:
             "max_batch_size": args.max_batch_size,
             "batch_wait_timeout_s": args.batch_wait_timeout_s,
         },
-    ).bind(checkpoint, args.runtime, max(1, round(cpus["embedder"])))
+    ).bind(checkpoint, args.runtime, max(1, round(cpus["embedder"])), tta == "flip")
     batching = {
         "max_batch_size": args.shard_max_batch_size,
         "wait_s": args.shard_batch_wait_timeout_s,

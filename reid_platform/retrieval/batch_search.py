@@ -155,8 +155,9 @@ def search_queries(
             raise ValueError(f"{index_dir}: its manifest names no checkpoint; pass one")
         # Ray Data keys rows by id: make them unique per sample (boxes of one image).
         keyed = [replace(s, item_id=str(n)) for n, s in enumerate(samples)]
+        flip = index.extra.get("tta", "none") == "flip"  # queries embedded as the gallery was
         for batch in iter_gallery_embeddings(
-            keyed, checkpoint, batch_size, concurrency, num_gpus, progress
+            keyed, checkpoint, batch_size, concurrency, num_gpus, progress, flip=flip
         ):
             if skipped is not None:
                 skipped.extend(batch.skipped)

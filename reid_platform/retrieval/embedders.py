@@ -24,6 +24,19 @@ from reid_platform.checkpoint import checkpoint_file, load_model
 from reid_platform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from reid_platform.runtime import resolve_device
 
+TTA_MODES = ("none", "flip")
+
+
+def embed_tensor(model: torch.nn.Module, batch: torch.Tensor, flip: bool = False) -> np.ndarray:
+    """`model.embed` of a preprocessed batch (B, 3, H, W) on the model's device: (B, D)
+    float32, L2-normalised; with `flip`, the normalised mean with the mirrored batch's."""
+    with torch.inference_mode():
+        if not flip:
+            return model.embed(batch).float().cpu().numpy()
+        both = model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
+        mean = both[: len(batch)] + both[len(batch) :]
+        return torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+
 
 class ImageEmbedder(Protocol):
     """What every runtime provides."""
@@ -74,13 +87,7 @@ class TorchEmbedder:
         """
         if not images:
             return np.empty((0, self.embedding_dim), np.float32)
-        batch = self.preprocess(images).to(self.device)  # (B, 3, H, W)
-        with torch.inference_mode():
-            if not flip:
-                return self.model.embed(batch).float().cpu().numpy()
-            both = self.model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
-            mean = both[: len(images)] + both[len(images) :]
-            return torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+        return embed_tensor(self.model, self.preprocess(images).to(self.device), flip)
 
     def info(self) -> dict[str, Any]:
         return {
