@@ -886,7 +886,11 @@ def test_fuzz_multipart_images_ids_and_fields(clients):
             ]
             body = {"items": entries} if route == "gallery" else {**entries[0], "k": k}
             body["where"] = where
-            response = client.post(path, json=body)
+            # Encoded here: NaN and Infinity go out as the literals some clients send
+            # (httpx's own encoder refuses them).
+            response = client.post(
+                path, content=json.dumps(body), headers={"content-type": "application/json"}
+            )
         else:
             data = {"k": str(k), "where": json.dumps(where)}
             if route == "gallery":
