@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from reid_platform.checkpoint import checkpoint_file, load_model, read_checkpoint
 from reid_platform.data.dataset import ImageDecodeError, read_image
 from reid_platform.data.formats import (
+    FORMATS,
     IMAGE_SUFFIXES,
     DatasetError,
     Sample,
@@ -37,7 +38,7 @@ from reid_platform.retrieval.embedders import TTA_MODES, embed_tensor
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
 from reid_platform.runtime import gpus_per_actor, resolve_device
 
-GALLERY_FORMATS = ("auto", "market1501", "csv", "folder")
+GALLERY_FORMATS = ("auto", *FORMATS)
 # Manifest fields that must match for a re-run to add into an existing index.
 _REBUILD_KEYS = ("index_type", "num_shards", "metric", "dim")
 DEFAULT_BATCH_SIZE = 64  # images per forward pass (jobs/build_index.py --batch-size)
@@ -65,7 +66,8 @@ class EmbeddedBatch:
 def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], str]:
     """The gallery images of a dataset path.
 
-    A Market-1501 tree or CSV manifest gives its gallery split; a folder tree with
+    A benchmark tree (Market-1501, DukeMTMC, MSMT17, CUHK03, VeRi-776, VehicleID) or a CSV
+    manifest gives its gallery split; a folder tree with
     `train/ query/ gallery/` its gallery split; any other folder gives every image under it
     (a first-level subfolder names the identity: pid numbers them, `identity` keeps the name;
     loose images get pid -1). Camera -1 means unknown.
@@ -86,7 +88,7 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
         raise DatasetError(f"gallery format {fmt!r} is not known; choose one of {GALLERY_FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt in ("market1501", "csv"):
+    if fmt != "folder":
         samples = load_dataset(path, fmt).gallery
     elif (path / "train").is_dir() and (path / "gallery").is_dir():
         samples = load_folder(path).gallery
