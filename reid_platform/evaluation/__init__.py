@@ -11,6 +11,7 @@ from reid_platform.evaluation.metrics import (
     EvaluationError,
     RankResult,
     compute_distmat,
+    evaluate_features,
     evaluate_rank,
 )
 from reid_platform.evaluation.postprocess import (
@@ -32,6 +33,7 @@ __all__ = [
     "count_valid_queries",
     "database_augmentation",
     "ensemble_distance",
+    "evaluate_features",
     "evaluate_rank",
     "evaluate_variants",
     "fit_pca_whitening",

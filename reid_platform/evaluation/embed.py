@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from reid_platform.data.dataset import ImageDataset, collate_skip_corrupt
 from reid_platform.data.formats import Sample
 from reid_platform.data.transforms import build_eval_transform
-from reid_platform.evaluation.metrics import RankResult, compute_distmat, evaluate_rank
+from reid_platform.evaluation.metrics import RankResult, evaluate_features
 
 
 @dataclass
@@ -73,12 +73,6 @@ def extract_features(
     )
 
 
-def evaluate_features(query: Features, gallery: Features, metric: str = "cosine") -> RankResult:
-    """Distance matrix + Market-1501 metrics for two sets of features."""
-    distmat = compute_distmat(query.feats, gallery.feats, metric)
-    return evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
-
-
 def evaluate_model(
     model: torch.nn.Module,
     query: Sequence[Sample],
@@ -91,9 +85,14 @@ def evaluate_model(
     amp: bool = False,
     metric: str = "cosine",
 ) -> tuple[RankResult, int]:
-    """Embed query and gallery and evaluate; returns (result, number of skipped images)."""
+    """Embed query and gallery and evaluate in query blocks (no full distance matrix).
+
+    Returns:
+        (result, number of images that could not be decoded and were left out).
+    """
     kwargs = dict(height=height, width=width, batch_size=batch_size, device=device,
                   num_workers=num_workers, amp=amp)
     q = extract_features(model, query, desc="query", **kwargs)
     g = extract_features(model, gallery, desc="gallery", **kwargs)
-    return evaluate_features(q, g, metric), len(q.skipped) + len(g.skipped)
+    result = evaluate_features(q.feats, g.feats, q.pids, g.pids, q.camids, g.camids, metric)
+    return result, len(q.skipped) + len(g.skipped)
