@@ -220,11 +220,12 @@ STEPS: tuple[PostStep, ...] = (
         _rerank,
         None,
         params=(
-            Option("k1", "--k1", int, 20, "re-ranking k1 (default 20)", low=1),
-            Option("k2", "--k2", int, 6, "re-ranking k2 (default 6)", low=1),
+            Option("k1", "--k1", int, 20, "re-ranking k1 (default 20)", "K1", low=1),
+            Option("k2", "--k2", int, 6, "re-ranking k2 (default 6)", "K2", low=1),
             Option(
                 "lambda_value", "--lambda", float, 0.3,
-                "re-ranking weight of the original distance (default 0.3)", low=0.0, high=1.0,
+                "re-ranking weight of the original distance (default 0.3)", "LAMBDA",
+                low=0.0, high=1.0,
             ),  # fmt: skip
         ),
         makes_distances=True,
