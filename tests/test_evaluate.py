@@ -403,6 +403,18 @@ def test_embedding_scatter_png(tmp_path, method, num):
     )
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (600, 500)
+    # One tab20 colour per drawn identity: the 20 with the most points (all, when fewer).
+    import matplotlib.pyplot as plt
+
+    drawn = min(20, len(np.unique(pids)))
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    palette = (np.array(plt.get_cmap("tab20").colors) * 255).round().astype(int)
+    present = [colour_pixels(pixels, rgb) >= 4 for rgb in palette]
+    expected = [True] * drawn + [False] * (20 - drawn)
+    greys = [14, 15]  # tab20's greys are also the greys of text and frames
+    assert [p for n, p in enumerate(present) if n not in greys] == [
+        e for n, e in enumerate(expected) if n not in greys
+    ]
     with pytest.raises(ValueError, match=r"\(3, 8\) and \(2,\)"):
         plot_embedding_scatter(np.zeros((3, 8)), np.zeros(2), tmp_path / "x.png")
 
