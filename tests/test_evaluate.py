@@ -664,7 +664,20 @@ def test_cli_logs_into_a_given_run(eval_setup, workspace, monkeypatch, capsys):
     assert f"mlflow run: {run_id}" in stdout
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     assert set(METRICS) <= {k.split("/")[-1] for k in metrics if k.startswith("eval/raw/")}
-    assert json.loads((out / "report.json").read_text())["mlflow"]["run_id"] == run_id
+    report = json.loads((out / "report.json").read_text())
+    assert report["mlflow"]["run_id"] == run_id
+    # The job's raw numbers are the training loop's evaluation of the same checkpoint.
+    from reid_platform.checkpoint import load_model
+    from reid_platform.data.root import load_config_dataset
+    from reid_platform.evaluation.embed import evaluate_model
+
+    model, _ = load_model(eval_setup["checkpoints"][0], "cpu")
+    dataset = load_config_dataset(config)
+    result, skipped = evaluate_model(model, dataset.query, dataset.gallery, 64, 32, 64)
+    assert skipped == 0
+    for key, value in result.as_metrics().items():
+        assert report["variants"]["raw"][key] == value, key
+        assert metrics[f"eval/raw/{key}"] == pytest.approx(value, abs=1e-12), key
 
 
 def test_cli_user_errors_exit_2_with_the_reason(eval_setup, tmp_path, monkeypatch, capsys):
