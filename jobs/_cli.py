@@ -109,9 +109,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_main(main) -> None:
-    """Run `main()`; user errors print `error: ...` and exit 2."""
+    """Run `main()`; user errors print `error: ...` and exit 2; Ctrl+C / SIGTERM exit 130."""
     try:
         main()
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -31,11 +31,19 @@ class DeviceError(ValueError):
     """A device setting names a device this machine does not have; the message names it."""
 
 
+DASHBOARD_PORT = 8265  # Ray's default; a local Ray takes the next free one if it is busy
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to $RAY_ADDRESS, or start a new local Ray listening on 127.0.0.1 only.
 
     Loopback comes from the switch set in `reid_platform/__init__.py` (Ray ignores a
     127.0.0.1 `_node_ip_address` and advertises the outward IP instead).
+
+    Ray's State API (which Ray Train's placement-group cleaner calls from inside the
+    cluster) finds "its" cluster by scanning the host, and fails where several Ray instances
+    run on one machine: every process of ours is told the address of its own cluster.
 
     Args:
         num_cpus: CPUs of a new local Ray (None = the machine's); ignored when joining.
@@ -45,8 +53,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        env = {**WORKER_ENV, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]}
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
         return
+    port = loopback_port(DASHBOARD_PORT)
+    api_server = f"http://127.0.0.1:{port}"
+    os.environ.setdefault(API_SERVER_ENV, api_server)
     # address="local": a fresh instance even if `ray start` left a cluster running (plain
     # ray.init() would join it, and then refuse num_cpus).
     ray.init(
@@ -54,9 +66,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": WORKER_ENV},
+        dashboard_port=port,
+        runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: api_server}},
         log_to_driver=True,
     )
+
+
+def loopback_port(preferred: int) -> int:
+    """`preferred` if nothing listens on 127.0.0.1:preferred, else a free loopback port."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def resolve_device(device: str = "auto", flag: str = "--device") -> torch.device:

@@ -6,8 +6,13 @@ sweep, which launches one trainer per trial.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from reid_platform.checkpoint import CheckpointError, read_checkpoint
+from reid_platform.checkpoint import CheckpointError, read_checkpoint, slim_copy
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
 from reid_platform.data.root import load_config_dataset, resolve_data_root
@@ -129,7 +134,9 @@ def build_trainer(
             or config.train.storage_path
             or str(config.workspace_dir / "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # One resumable checkpoint (weights + optimizer) per run: Ray deletes the previous
+            # one only after the new one is persisted.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),
     )
@@ -160,16 +167,32 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
     needed = config.train.num_workers * config.train.cpus_per_worker
     init_ray(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
     trainer = build_trainer(config, uri, run_id, run_name)
-    try:
-        result = trainer.fit()
-    except Exception:
-        logger.end("FAILED")
-        raise
-    if result.checkpoint is None:
-        logger.end("FAILED")
-        raise RuntimeError("training finished without a checkpoint")
-    download_to = config.workspace_dir / "checkpoints" / run_name
-    checkpoint = local_checkpoint(result.checkpoint, download_to)
-    logger.log_artifact(checkpoint, "checkpoints/final")
-    logger.end()
+    with logger.ending_on_exit():
+        with sigterm_as_interrupt():
+            result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        download_to = config.workspace_dir / "checkpoints" / run_name
+        checkpoint = local_checkpoint(result.checkpoint, download_to)
+        with tempfile.TemporaryDirectory() as tmp:
+            # MLflow keeps the model, not the optimizer state (a third of the size with Adam)
+            logger.log_artifact(slim_copy(checkpoint, tmp), "checkpoints/final")
     return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), config_path)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (`ray job stop`, `kill`, a scheduler's pre-emption) into KeyboardInterrupt
+    while the block runs, so `finally` clauses run and the MLflow run is ended KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
