@@ -8,6 +8,10 @@ one centre per identity, per-image noise, cameras; Market-1501 also has distract
                         blocks, no (N, M) matrix
   full_matrix           `evaluate_rank(compute_distmat(query, gallery), ...)`: the baseline,
                         at every size whose matrix fits in memory
+  evaluate_rank         `evaluate_rank(distmat, ...)` alone on the precomputed matrix, on the
+                        model-like distances and on uniformly random ones (the worst case:
+                        every item sits between the matches), against `argsort_rank`, the
+                        stable argsort of every whole row (the previous implementation)
   rerank_blocks         `evaluate_blocks(rerank_blocks(query, gallery), ...)`: k-reciprocal
                         re-ranking scored block by block, no (N, M) matrix
   rerank_features       `evaluate_rank(rerank_features(query, gallery), ...)`: the same with the
@@ -45,6 +49,53 @@ DENSE_BYTES_PER_ENTRY = 40  # k_reciprocal_rerank holds a few (N+M)^2 float32/in
 DENSE_FRACTIONS = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 
 
+def argsort_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, block_size=256):
+    """The baseline: mAP and CMC from a stable argsort of every whole row, block by block."""
+    import numpy as np
+
+    all_ap, first_hit = np.full(len(q_pids), np.nan), np.full(len(q_pids), -1)
+    for start in range(0, len(q_pids), block_size):
+        stop = min(start + block_size, len(q_pids))
+        order = np.argsort(distmat[start:stop], axis=1, kind="stable")  # (b, G)
+        same_pid = g_pids[order] == q_pids[start:stop, None]
+        junk = (same_pid & (g_camids[order] == q_camids[start:stop, None])) | (g_pids[order] == -1)
+        hits = same_pid & ~junk
+        position = np.cumsum(~junk, axis=1) - 1  # rank among kept items
+        num_rel = hits.sum(axis=1)
+        precision = np.where(hits, np.cumsum(hits, axis=1) / (position + 1.0), 0.0)
+        valid = num_rel > 0
+        all_ap[start:stop] = np.where(valid, precision.sum(axis=1) / np.maximum(num_rel, 1), np.nan)
+        first = position[np.arange(stop - start), np.argmax(hits, axis=1)]
+        first_hit[start:stop] = np.where(valid, first, -1)
+    cmc = (first_hit[first_hit >= 0, None] <= np.arange(max_rank)).mean(axis=0)
+    return all_ap, cmc
+
+
+def rank_worker(problem) -> dict:
+    """evaluate_rank against the whole-row argsort, on model-like and on random distances."""
+    import numpy as np
+
+    from reid_platform.evaluation.metrics import compute_distmat, evaluate_rank
+
+    out = {}
+    random = np.random.default_rng(1).random((len(problem.q_pids), len(problem.g_pids)))
+    for name, distmat in (("model", compute_distmat(problem.query, problem.gallery)),
+                          ("uniform", random.astype(np.float32))):  # fmt: skip
+        start = time.perf_counter()
+        result = evaluate_rank(distmat, *problem.labels)
+        out[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        all_ap, cmc = argsort_rank(distmat, *problem.labels)
+        out[f"{name}_argsort_seconds"] = round(time.perf_counter() - start, 2)
+        out[f"{name}_speedup"] = round(out[f"{name}_argsort_seconds"] / out[f"{name}_seconds"], 1)
+        out[f"{name}_same_as_argsort"] = bool(
+            np.array_equal(result.cmc, cmc) and np.allclose(result.all_AP, all_ap, equal_nan=True,
+                                                            rtol=0, atol=1e-12)
+        )  # fmt: skip
+        out[f"{name}_mAP"] = round(result.mAP, 4)
+    return out
+
+
 def worker(args: argparse.Namespace) -> None:
     """Build the problem, run one method under PeakRss, print one JSON line."""
     import numpy as np
@@ -62,6 +113,9 @@ def worker(args: argparse.Namespace) -> None:
         args.noise, args.distractors, args.junk, seed=args.seed,
     )  # fmt: skip
     q, g, labels = problem.query, problem.gallery, problem.labels
+    if args.worker == "evaluate_rank":
+        print(json.dumps(rank_worker(problem)))
+        return
     start = time.perf_counter()
     with PeakRss() as memory:
         if args.worker == "evaluate_features":
@@ -163,6 +217,11 @@ def main() -> None:
 
         for name in args.sizes:
             size = sizes[name]
+            if name == "market":
+                ranking = record("evaluate_rank", name, size)
+                summary["market_evaluate_rank_seconds"] = ranking["model_seconds"]
+                summary["market_evaluate_rank_speedup"] = ranking["model_speedup"]
+                summary["market_evaluate_rank_uniform_seconds"] = ranking["uniform_seconds"]
             blocked = record("evaluate_features", name, size, save=True)
             # The full matrix (float32) and the ranking's blocks must fit with room to spare.
             full_mb = size[0] * size[1] * 4 / 2**20
