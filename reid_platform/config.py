@@ -146,7 +146,6 @@ class TrackingConfig:
 
 
 DistributionType = Literal["uniform", "quniform", "loguniform", "qloguniform", "randint", "choice"]
-RANGE_TYPES = ("uniform", "quniform", "loguniform", "qloguniform", "randint")
 # Keys a sweep cannot vary: they name the sweep, its MLflow experiment and its outputs.
 FIXED_IN_A_SWEEP = ("name", "workspace", "tracking.", "tune.")
 
@@ -555,7 +554,8 @@ def _leaf_hints(cls: Any, prefix: str) -> dict[str, Any]:
 
 
 def _did_you_mean(name: str, candidates: list[str], prefix: str = "") -> str:
-    """ " (did you mean 'train.epochs'?)" for name "epoch" among a section's keys, or ""."""
+    """A hint like " (did you mean 'train.epochs'?)" for "epoch" among a section's keys, or
+    "" when nothing is close."""
     close = difflib.get_close_matches(name, candidates, n=1)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
@@ -616,7 +616,8 @@ def _check_distribution(where: str, key: str, hint: Any, dist: Distribution) -> 
     )
 
 
-# The sweep ranges that `tune.space` replaced: key -> (searched key, distribution, bound).
+# The sweep ranges that `tune.space` replaced: old key stem -> (searched key, distribution,
+# default low, default high).
 _LEGACY_TUNE_RANGES = {
     "margin": ("loss.margin", "uniform", 0.1, 1.0),
     "id_weight": ("loss.id_weight", "uniform", 0.05, 1.0),
@@ -642,8 +643,8 @@ def _legacy_tune_keys_error(data: Mapping[str, Any], prefix: str) -> ConfigError
             continue
         entries[key] = {
             "type": kind,
-            "low": float(data.get(f"{name}_min", low)),
-            "high": float(data.get(f"{name}_max", high)),
+            "low": _as_number(data.get(f"{name}_min", low)),
+            "high": _as_number(data.get(f"{name}_max", high)),
         }
         if name == "margin" and data.get("soft_margin_choice", True):
             entries["loss.soft_margin"] = {"type": "choice", "values": [False, True]}
@@ -656,6 +657,14 @@ def _legacy_tune_keys_error(data: Mapping[str, Any], prefix: str) -> ConfigError
         f"{old}: these keys were replaced by {prefix}space, which maps any config key to a "
         "distribution; to search what they searched, remove them and write:\n\n" + "\n".join(lines)
     )
+
+
+def _as_number(value: Any) -> Any:
+    """A float when `value` reads as one (YAML 1.1 leaves `1e-4` a string), else as it is."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 # Sections whose removed keys get an error that shows how to write them now.
