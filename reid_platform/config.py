@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -597,6 +598,11 @@ def _check_distribution(where: str, key: str, hint: Any, dist: Distribution) -> 
     if dist.type.startswith("q"):
         if dist.q is None or dist.q <= 0:
             raise ConfigError(f"{where}: {dist.type} needs a step q > 0: {example}")
+        if not all(math.isclose(b / dist.q, round(b / dist.q)) for b in (dist.low, dist.high)):
+            raise ConfigError(
+                f"{where}: low={dist.low:g} and high={dist.high:g} must be multiples of "
+                f"q={dist.q:g}"
+            )
     elif dist.q is not None:
         raise ConfigError(f"{where}: q is for quniform/qloguniform, not {dist.type}")
     if dist.type == "randint" and not (dist.low.is_integer() and dist.high.is_integer()):

@@ -88,13 +88,18 @@ class SweepInterrupted(RuntimeError):
 # ---- search space, searcher, scheduler ---------------------------------------------------
 
 
-def search_space(tune_cfg: TuneConfig) -> dict[str, Domain]:
+def search_space(tune_cfg: TuneConfig, searcher: str = "random") -> dict[str, Domain]:
     """Tune domains keyed by the dotted config key each one overrides (`tune.space`).
 
     The space was checked against the config when it loaded (`config.check_search_space`).
     A choice among lists (e.g. `train.milestones`) is offered to Tune as their YAML
-    spellings ("[40, 70]"), since Optuna only handles scalar categories; `apply_params`
-    turns them back.
+    spellings ("[40, 70]"), since Optuna only handles scalar categories; and Optuna cannot
+    quantise a log range, so with `searcher="optuna"` a qloguniform key is a plain
+    loguniform one. `apply_params` turns both back (it rounds to `q`).
+
+    Args:
+        tune_cfg: the sweep settings; `space` is what is searched.
+        searcher: "optuna" or "random" (`choose_search`).
 
     Returns:
         e.g. {"loss.margin": uniform(0.1, 1.0), "loss.soft_margin": choice([False, True]),
@@ -108,7 +113,12 @@ def search_space(tune_cfg: TuneConfig) -> dict[str, Domain]:
             "tune.space is empty: nothing to search; e.g. tune.space: "
             "{loss.margin: {type: uniform, low: 0.1, high: 1.0}}"
         )
-    return {key: _domain(dist) for key, dist in tune_cfg.space.items()}
+    return {
+        key: tune.loguniform(dist.low, dist.high)
+        if searcher == "optuna" and dist.type == "qloguniform"
+        else _domain(dist)
+        for key, dist in tune_cfg.space.items()
+    }
 
 
 def _domain(dist: Distribution) -> Domain:
@@ -144,6 +154,9 @@ def apply_params(config: Config, params: Mapping[str, Any]) -> Config:
         dist = config.tune.space.get(key)
         if dist is not None and dist.type == "choice":
             value = {_choice_label(v): v for v in dist.values}.get(value, value)
+        elif dist is not None and dist.q is not None:
+            # to a multiple of q as Ray's quantised domains do, also where a searcher did not
+            value = float(f"{round(value / dist.q) * dist.q:.12g}")
         overrides[key] = value
     return config.replace(**overrides)
 
@@ -588,7 +601,7 @@ def run_sweep(config: Config, resume: bool = False, progress: bool = True) -> Sw
         )
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(config.tune),
+            param_space=search_space(config.tune, method),
             tune_config=tune.TuneConfig(
                 metric=config.tune.metric,
                 mode="max",

@@ -110,7 +110,7 @@ def test_optuna_proposes_from_the_config_space():
     config = load_config(None, [*WIDE_SPACE, "tune.num_samples=4"])
     search_alg, method = build_search_alg(config, max_concurrent=2)
     assert method == "optuna" and isinstance(search_alg, ConcurrencyLimiter)
-    assert search_alg.set_search_properties("score", "max", search_space(config.tune))
+    assert search_alg.set_search_properties("score", "max", search_space(config.tune, method))
     first, second = search_alg.suggest("t1"), search_alg.suggest("t2")
     assert search_alg.suggest("t3") is None  # two trials running: the limit holds the third
     for params in (first, second):
@@ -118,6 +118,11 @@ def test_optuna_proposes_from_the_config_space():
         trial = apply_params(config, params)
         assert trial.train.milestones in ((10, 20), (30,))
         assert 0.0 <= trial.data.augment.erasing_p <= 0.7
+        assert isinstance(trial.data.augment.pad, int) and trial.data.augment.pad % 4 == 0
+        # Optuna proposes a qloguniform key unrounded: the trial rounds it to q
+        assert trial.train.weight_decay / 1e-5 == pytest.approx(
+            round(trial.train.weight_decay / 1e-5)
+        )
     search_alg.on_trial_complete("t1", {"score": 0.5})
     assert search_alg.suggest("t3") is not None  # a slot freed
 
@@ -134,6 +139,7 @@ def test_optuna_proposes_from_the_config_space():
         ("tune.space.train.lr={type: loguniform, low: 0, high: 0.1}", "0 < low"),
         ("tune.space.train.lr={type: uniform, low: 0.1, high: 0.01}", "must be below high"),
         ("tune.space.train.lr={type: quniform, low: 0, high: 1}", "step q > 0"),
+        ("tune.space.data.augment.pad={type: quniform, low: 1, high: 9, q: 4}", "multiples of q=4"),
         ("tune.space.train.lr={type: uniform, high: 1}", "needs low and high"),
         ("tune.space.train.lr={type: uniform, low: 0, high: 1, values: [1]}", "not values"),
         ("tune.space.train.lr={type: choice, low: 0, values: [1]}", "values` only"),
