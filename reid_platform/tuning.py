@@ -909,7 +909,8 @@ def _x_positions(dist: Distribution, values: list[Any]) -> list[float]:
     """Where each trial's value goes on its panel's x axis (NaN: no value)."""
     if dist.type != "choice":
         return [float(v) for v in values]
-    # categories at 0..n-1; trials that share one are spread a little so that all show
+    # categories at 0..n-1; the trials that share one are spread around it (0, +d, -d, +2d,
+    # -2d, ...; d = 0.06, within +-0.24) so that all of them show
     seen: dict[int, int] = {}
     xs = []
     for v in values:
@@ -917,8 +918,9 @@ def _x_positions(dist: Distribution, values: list[Any]) -> list[float]:
             xs.append(math.nan)
             continue
         i = dist.values.index(v)
-        xs.append(i + 0.06 * (seen.get(i, 0) - 2))
-        seen[i] = (seen.get(i, 0) + 1) % 5
+        k = seen.get(i, 0)
+        xs.append(i + 0.06 * ((k + 1) // 2) * (1 if k % 2 else -1))
+        seen[i] = (k + 1) % 9
     return xs
 
 
