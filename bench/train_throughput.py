@@ -89,13 +89,14 @@ def measure_plain(config, threads: int) -> float:
 
     from reid_platform.losses import ReidLoss
     from reid_platform.models import build_model
+    from reid_platform.runtime import resolve_device
 
     torch.set_num_threads(threads)
     loader, sampler, num_classes = loader_and_data(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     amp = device.type == "cuda"
     model = build_model(config.model, num_classes).train().to(device)
-    criterion = ReidLoss(config.loss, num_classes, model.embedding_dim).to(device)
+    criterion = ReidLoss(config.loss, num_classes, model.branches).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     rate = 0.0
@@ -107,7 +108,7 @@ def measure_plain(config, threads: int) -> float:
             pids = batch["pid"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 out = model(images_t, pids)
-            loss = criterion(out.features, out.logits, pids).total
+            loss = criterion(out, {"pid": pids}).total
             optimizer.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(optimizer)

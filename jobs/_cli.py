@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from reid_platform.config import Config, ConfigError, load_config  # noqa: E402
+from reid_platform.runtime import configure_console  # noqa: E402
 
 # What `--smoke-test` shrinks in every training-based job: a few tiny batches, small images.
 SMOKE_OVERRIDES = {
@@ -82,9 +83,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke-test", action="store_true", help="a tiny, fast run of the same code path"
     )
+    add_verbose_arg(parser)
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show Ray's own output (by default it goes to a log file named at start-up)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, default: str | None = None) -> Config:
+    configure_console(getattr(args, "verbose", False))
     path = args.config or default
     return load_config(path, args.overrides)
 
@@ -109,9 +119,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_main(main) -> None:
-    """Run `main()`; user errors print `error: ...` and exit 2."""
+    """Run `main()`; user errors print `error: ...` and exit 2; Ctrl+C / SIGTERM exit 130."""
     try:
         main()
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

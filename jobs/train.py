@@ -25,20 +25,20 @@ def main() -> None:
     if args.smoke_test:
         config = config.replace(**_cli.SMOKE_OVERRIDES)
 
+    from reid_platform.training.loop import PRE_SWA_PREFIX
     from reid_platform.training.trainer import run_training
 
     result = run_training(config)
     metrics = result.metrics
     nan = float("nan")
     keys = ("rank1", "mAP", "mINP", "score")
-    swa = "swa_mAP" in metrics  # then the final checkpoint is the SWA-averaged model
+    # the headline metrics are those of the saved checkpoint (the SWA model when SWA is on)
+    swa = f"{PRE_SWA_PREFIX}mAP" in metrics
     line = "  ".join(f"{k} {metrics.get(k, nan):.4f}" for k in keys)
-    print(f"last epoch's model: {line}" if swa else line)
+    print(f"{'SWA model (the checkpoint)' if swa else 'checkpoint'} metrics: {line}")
     if swa:
-        print(
-            "SWA model (the checkpoint): "
-            + "  ".join(f"{k} {metrics.get('swa_' + k, nan):.4f}" for k in keys)
-        )
+        print("before averaging: "
+              + "  ".join(f"{k} {metrics.get(PRE_SWA_PREFIX + k, nan):.4f}" for k in keys))
     print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
     print(f"config: {result.config_path}")
     print(f"checkpoint: {result.checkpoint}")

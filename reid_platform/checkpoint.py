@@ -2,11 +2,19 @@
 
 `model.pt` holds the model weights, the resolved config (so the model can be rebuilt with no
 other input), the number of classes, the epoch, metrics and, for resuming, the optimizer state.
+
+Loading never runs code from the file: `torch.load(weights_only=True)` unpickles only tensors
+and plain containers/numbers/strings, which is all a checkpoint written here holds. A file
+that needs anything else (a pickled class, a function, a shell command in `__reduce__`) is
+refused with `CheckpointError` before any of it runs. Every entry point (`--checkpoint`,
+`train.resume_from`, Ray Train's restart, an index manifest, the service) reads through
+`read_checkpoint`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, float] | None = None,
     training_state: dict[str, Any] | None = None,
+    mlflow_run: dict[str, str] | None = None,
 ) -> Path:
     """Write `directory/model.pt` atomically (temp file + rename); returns the directory.
 
@@ -40,9 +49,9 @@ def save_checkpoint(
         epoch: epochs completed.
         metrics: latest evaluation metrics, stored for reference.
         training_state: optimizer/scheduler/center-loss states needed to resume.
+        mlflow_run: {"tracking_uri", "run_id"} of the training run that wrote it, so later
+            jobs (export, evaluation, index builds) can log to it and record lineage.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "config": config.to_dict(),
@@ -51,7 +60,24 @@ def save_checkpoint(
         "epoch": epoch,
         "metrics": metrics or {},
         "training_state": training_state or {},
+        "mlflow_run": dict(mlflow_run or {}),
     }
+    return _write(directory, payload)
+
+
+def slim_copy(source: str | Path, directory: str | Path) -> Path:
+    """Write `directory/model.pt` with the weights, config and metrics of `source` but without
+    its training state (optimizer, SWA, loss terms): what a finished model needs, at about a
+    third of the size of an Adam checkpoint. Returns the directory."""
+    payload = read_checkpoint(source)
+    payload["training_state"] = {}
+    return _write(directory, payload)
+
+
+def _write(directory: str | Path, payload: dict[str, Any]) -> Path:
+    """`directory/model.pt` written atomically (temp file + rename); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(handle)
     torch.save(payload, tmp)
@@ -74,7 +100,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load the raw checkpoint dict (on CPU)."""
     file = checkpoint_file(path)
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=False)
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses globals it does not know: the file wants to build Python
+        # objects (possibly run code) on load. Never retry with weights_only=False.
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((x for x in lines if "GLOBAL" in x or x.startswith("Unsupported")),
+                      lines[-1] if lines else "")
+        raise CheckpointError(
+            f"{file}: cannot read checkpoint: refused by the safe loader, which accepts only "
+            f"tensors and plain data ({detail[:200]}); the file is damaged or holds Python "
+            "objects that could run code when loaded. Only checkpoints written by "
+            "reid-platform (weights, config, metrics, optimizer state) are loaded"
+        ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{file}: cannot read checkpoint ({err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

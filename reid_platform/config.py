@@ -58,7 +58,17 @@ class DataConfig:
     """Where the images are and how batches are drawn."""
 
     root: str = ""  # empty = the synthetic dataset under the workspace
-    format: Literal["synthetic", "market1501", "folder", "csv"] = "synthetic"
+    format: Literal[
+        "synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "veri776", "vehicleid",
+        "folder", "csv",
+    ] = "synthetic"
+    # Cross-domain evaluation: train on root/format, take query and gallery from eval_root
+    # (auto = the format detected from what is on disk there).
+    eval_root: str = ""
+    eval_format: Literal[
+        "auto", "market1501", "dukemtmc", "msmt17", "cuhk03", "veri776", "vehicleid",
+        "folder", "csv",
+    ] = "auto"
     height: int = 256
     width: int = 128
     num_ids_per_batch: int = 16  # P
@@ -67,7 +77,16 @@ class DataConfig:
     oversample_min: int = 0  # ids with oversample_min..oversample_max images are oversampled
     oversample_max: int = 0
     oversample_p: float = 0.0
-    test_fraction: float = 0.5  # folder/csv without explicit splits: share of ids held out
+    # Under-sampling: an identity contributes at most this many images per epoch, a new random
+    # subset every epoch (0 = all; else >= num_instances).
+    max_images_per_id: int = 0
+    test_fraction: float = 0.5  # folder without explicit splits: share of ids held out
+    allow_outside_root: bool = False  # csv: accept manifest paths leading outside its folder
+    csv_encoding: str = "utf-8"  # csv: the manifest's text encoding (a UTF-8 BOM is accepted)
+    cuhk03_variant: Literal["labeled", "detected"] = "detected"  # cuhk03: which boxes
+    msmt17_include_val: bool = False  # msmt17: also train on list_val.txt
+    vehicleid_test_size: int = 800  # vehicleid: test_list_<size>.txt (800, 1600, 2400)
+    vehicleid_trial: int = 0  # vehicleid: which random one-image-per-id gallery draw
     loader_workers: int = 2
     eval_batch_size: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -76,8 +95,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone, pooling, BNNeck and classifier head."""
+    """Architecture, backbone, pooling, BNNeck and classifier head."""
 
+    arch: Literal["bot"] = "bot"  # see reid_platform.models.ARCHS
     backbone: str = "resnet50"  # any timm model name
     pretrained: str = ""  # path to a local weights file (timm/torchvision state dict)
     last_stride: int = 1  # ResNets only: 1 keeps 16x8 maps at 256x128

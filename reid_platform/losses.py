@@ -2,19 +2,26 @@
 
 - `TripletLoss`: batch-hard mining, margin or soft margin, Euclidean or cosine distance.
 - `CrossEntropyLabelSmooth`: ID loss with label smoothing.
-- `CenterLoss`: pulls features to a learned per-class centre (own optimizer, see training).
-- `ReidLoss`: the weighted total, returning every term for logging.
+- `CenterLoss`: pulls features to a learned per-class centre.
+- `LossTerm`: one weighted term of the training loss over the model's `ReidOutput`; it owns
+  its parameters and, if it has one, its optimizer step (`IdLossTerm`, `TripletLossTerm`,
+  `CenterLossTerm`).
+- `ReidLoss`: the weighted total of the configured terms, returning every term for logging,
+  with the gradient averaging, own optimizer steps and resume state of all terms.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from reid_platform.config import LossConfig
+from reid_platform.models import BranchSpec, ReidOutput
 
 
 def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -125,30 +132,199 @@ class LossTerms:
     terms: dict[str, torch.Tensor]
 
 
-class ReidLoss(nn.Module):
-    """w_id * ID(logits) + w_tri * triplet(f_t) + w_center * center(f_t).
+# ---- loss terms ------------------------------------------------------------------------------
+
+
+class LossTerm(nn.Module):
+    """One weighted term of the training loss, with whatever it needs to train itself.
+
+    A term computes its unweighted value from the model output and the batch (`pid`, `camid`
+    and, when the data has them, `modality`, each (B,)). It may own parameters (centres, a
+    discriminator): those with an own optimizer (`make_optimizer`) are stepped by
+    `optimizer_step`, the others train in the model's optimizer. The training loop never
+    names a term: `ReidLoss` does all of this for every term alike.
 
     Args:
-        config: weights, margin, distance and smoothing.
-        num_classes: identities N.
-        feat_dim: dimension of f_t (for the center loss).
+        weight: the term's factor in the total.
     """
 
-    def __init__(self, config: LossConfig, num_classes: int, feat_dim: int):
-        super().__init__()
-        self.config = config
-        self.id_loss = CrossEntropyLabelSmooth(config.label_smoothing)
-        self.triplet = TripletLoss(config.margin, config.soft_margin, config.distance)
-        self.center = CenterLoss(num_classes, feat_dim) if config.center_weight > 0 else None
+    name = ""
 
-    def forward(self, features: torch.Tensor, logits: torch.Tensor,
-                pids: torch.Tensor) -> LossTerms:
-        terms = {
-            "id": self.id_loss(logits.float(), pids),
-            "triplet": self.triplet(features.float(), pids),
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_optimizer(self) -> torch.optim.Optimizer | None:
+        """The term's own optimizer for its parameters; None = they train with the model."""
+        return None
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_scale: float) -> None:
+        """Step the own optimizer: undo the AMP loss scale, skip on inf/NaN gradients.
+
+        Args:
+            optimizer: what `make_optimizer` returned.
+            grad_scale: the AMP GradScaler's current scale (1.0 without AMP).
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not all(torch.isfinite(g).all() for g in grads):
+            return
+        for grad in grads:
+            grad.mul_(1.0 / grad_scale)
+        optimizer.step()
+
+
+class IdLossTerm(LossTerm):
+    """ID loss: label-smoothed cross-entropy of every branch's logits, summed over branches."""
+
+    name = "id"
+
+    def __init__(self, weight: float, label_smoothing: float = 0.1):
+        super().__init__(weight)
+        self.loss = CrossEntropyLabelSmooth(label_smoothing)
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.loss(b.logits.float(), batch["pid"]) for b in output.branches)
+
+
+class TripletLossTerm(LossTerm):
+    """Batch-hard triplet loss on the pre-BNNeck features of every metric branch, summed."""
+
+    name = "triplet"
+
+    def __init__(self, weight: float, branches: Sequence[BranchSpec], margin: float = 0.3,
+                 soft_margin: bool = False, distance: str = "euclidean"):
+        super().__init__(weight)
+        self.metric = [i for i, b in enumerate(branches) if b.metric]
+        self.loss = TripletLoss(margin, soft_margin, distance)
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(
+            self.loss(output.branches[i].features.float(), batch["pid"]) for i in self.metric
+        )
+
+
+class CenterLossTerm(LossTerm):
+    """Center loss on the pre-BNNeck features of every metric branch (one centre table each),
+    summed. The centres have their own SGD optimizer (BoT: lr 0.5) whose step undoes the loss
+    weight, so the centres learn at `lr` whatever the weight."""
+
+    name = "center"
+
+    def __init__(self, weight: float, num_classes: int, branches: Sequence[BranchSpec],
+                 lr: float = 0.5):
+        super().__init__(weight)
+        self.metric = [i for i, b in enumerate(branches) if b.metric]
+        self.centers = nn.ModuleList(CenterLoss(num_classes, branches[i].dim) for i in self.metric)
+        self.lr = lr
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(
+            centers(output.branches[i].features.float(), batch["pid"])
+            for i, centers in zip(self.metric, self.centers)
+        )
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_scale: float) -> None:
+        super().optimizer_step(optimizer, grad_scale * self.weight)
+
+
+def build_terms(config: LossConfig, num_classes: int,
+                branches: Sequence[BranchSpec]) -> list[LossTerm]:
+    """The terms `config` asks for (a weight of 0 leaves a term out).
+
+    A new loss is a `LossTerm` subclass and one line here (and its config keys).
+    """
+    terms: list[LossTerm] = []
+    if config.id_weight > 0:
+        terms.append(IdLossTerm(config.id_weight, config.label_smoothing))
+    if config.triplet_weight > 0:
+        terms.append(TripletLossTerm(config.triplet_weight, branches, config.margin,
+                                     config.soft_margin, config.distance))
+    if config.center_weight > 0:
+        terms.append(CenterLossTerm(config.center_weight, num_classes, branches,
+                                    config.center_lr))
+    return terms
+
+
+class ReidLoss(nn.Module):
+    """The weighted sum of the configured loss terms, and the upkeep of their parameters.
+
+    Args:
+        config: weights, margin, distance, smoothing, center-loss lr.
+        num_classes: identities N.
+        branches: the model's `branches` (widths, and which take metric losses).
+        terms: explicit terms instead of the ones `config` describes.
+    """
+
+    def __init__(self, config: LossConfig, num_classes: int, branches: Sequence[BranchSpec],
+                 terms: Sequence[LossTerm] | None = None):
+        super().__init__()
+        built = list(terms) if terms is not None else build_terms(config, num_classes, branches)
+        if not built:
+            raise ValueError("every loss weight is 0: nothing to train (loss.id_weight, ...)")
+        names = [t.name for t in built]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss terms must have distinct names, got {names}")
+        self.terms = nn.ModuleDict({t.name: t for t in built})
+        # built once: the parameters are moved in place by .to(device), the optimizers follow
+        self.optimizers = {
+            name: opt for name, t in self.terms.items() if (opt := t.make_optimizer()) is not None
         }
-        total = self.config.id_weight * terms["id"] + self.config.triplet_weight * terms["triplet"]
-        if self.center is not None:
-            terms["center"] = self.center(features.float(), pids)
-            total = total + self.config.center_weight * terms["center"]
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> LossTerms:
+        """Every term's float32 value and the weighted total."""
+        terms = {name: term(output, batch) for name, term in self.terms.items()}
+        total = sum(self.terms[name].weight * value for name, value in terms.items())
         return LossTerms(total=total, terms=terms)
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the terms without an own optimizer: they join the model's."""
+        return [
+            p for name, t in self.terms.items() if name not in self.optimizers
+            for p in t.parameters() if p.requires_grad
+        ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+        super().zero_grad(set_to_none=set_to_none)
+
+    def sync_gradients(self, world_size: int) -> None:
+        """Average the terms' gradients across DDP ranks (the terms are not inside DDP).
+
+        Call after backward, before any optimizer step; every rank must call it.
+        """
+        if world_size <= 1:
+            return
+        for p in self.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # keep the collectives aligned across ranks
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world_size)
+
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Run the terms' own optimizer steps (after `sync_gradients`)."""
+        for name, optimizer in self.optimizers.items():
+            self.terms[name].optimizer_step(optimizer, grad_scale)
+
+    def training_state(self) -> dict[str, Any]:
+        """What a resume needs: the terms' parameters/buffers and their optimizers' states."""
+        return {
+            "loss": self.state_dict(),
+            "loss_optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore `training_state()`; a checkpoint without loss state leaves the terms as
+        they are (e.g. one saved before the terms had parameters)."""
+        if "loss" in state:
+            self.load_state_dict(state["loss"])
+        for name, opt_state in state.get("loss_optimizers", {}).items():
+            if name in self.optimizers:
+                self.optimizers[name].load_state_dict(opt_state)

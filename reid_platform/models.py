@@ -1,16 +1,31 @@
-"""The BoT re-identification model: timm backbone -> pooling -> BNNeck -> classifier head.
+"""Re-identification models: one interface for every architecture, the BoT model its simplest case.
+
+Every model answers the same contract (`ReidModel`):
+
+    forward(images (B, 3, H, W), pids (B,) | None, modality (B,) | None) -> ReidOutput
+    embed(images, modality=None, feature="post_bn") -> (B, D) L2-normalised
+    branches: tuple[BranchSpec, ...]      # name, width and role of each output branch
+
+`ReidOutput` holds one `BranchOutput` per branch (features before and after the branch's
+BNNeck, and its ID logits). Losses sum over branches; the inference embedding is defined once,
+in `concat_embedding`: the branches' features concatenated, then L2-normalised. A part model
+(global + stripe branches) and the one-branch BoT model go through the same code.
+
+The BoT model (Luo et al. 2019):
 
     image (B, 3, H, W) --backbone--> map (B, C, h, w) --avg/GeM--> f_t (B, C)
         --[optional linear to embedding_dim]--> BatchNorm1d (bias frozen) --> f_i (B, C)
         --head--> logits (B, num_classes)
 
-The triplet loss sees f_t, the ID loss the logits of f_i; inference uses f_i, L2-normalised
-(`embed`). `forward` always returns the same `ReidOutput`, in train and eval mode.
+The triplet loss sees f_t, the ID loss the logits of f_i; inference uses f_i, L2-normalised.
+`forward` always returns the same `ReidOutput`, in train and eval mode.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +44,62 @@ class ModelError(ValueError):
     """A model cannot be built as configured; the message names the setting."""
 
 
+FEATURES = ("post_bn", "pre_bn")  # which side of the BNNeck `embed` returns
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """One output branch of a model.
+
+    Attributes:
+        name: e.g. "global", "part2_1".
+        dim: width of the branch's features (before and after its BNNeck).
+        metric: metric-learning losses (triplet, center, ...) apply to this branch's
+            features; ID losses apply to every branch's logits.
+    """
+
+    name: str
+    dim: int
+    metric: bool = True
+
+
 @dataclass
-class ReidOutput:
-    """What the model returns: features (B, D) before and after the BNNeck, logits (B, N)."""
+class BranchOutput:
+    """One branch's outputs: features (B, D_b) before and after its BNNeck, logits (B, N).
+
+    `logits` is None only when the model was run for embedding (`ReidModel.embed`).
+    """
 
     features: torch.Tensor
     bn_features: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+
+
+def concat_embedding(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inference embedding of every model: branch features concatenated, L2-normalised.
+
+    Args:
+        parts: one (B, D_b) tensor per branch.
+
+    Returns:
+        (B, sum D_b), unit L2 norm per row.
+    """
+    return F.normalize(torch.cat(list(parts), dim=1), dim=1)
+
+
+@dataclass
+class ReidOutput:
+    """What every model's `forward` returns: one `BranchOutput` per `model.branches` entry."""
+
+    branches: list[BranchOutput]
+
+    def embedding(self, feature: str = "post_bn") -> torch.Tensor:
+        """The L2-normalised (B, D) embedding from the features after ("post_bn", the default
+        for inference) or before ("pre_bn") each branch's BNNeck."""
+        if feature not in FEATURES:
+            raise ModelError(f"feature={feature!r}; choose one of {FEATURES}")
+        attr = "bn_features" if feature == "post_bn" else "features"
+        return concat_embedding([getattr(b, attr) for b in self.branches])
 
 
 class GeM(nn.Module):
@@ -126,7 +190,68 @@ def set_last_stride_1(backbone: nn.Module) -> bool:
 
 
 class ReidModel(nn.Module):
-    """timm backbone + pooling + BNNeck + head; see the module docstring for the data flow.
+    """The contract every architecture implements; see the module docstring.
+
+    Subclasses set `branches`, `num_classes` and `config`, and implement `forward_branches`.
+    """
+
+    branches: tuple[BranchSpec, ...]
+    num_classes: int
+    config: ModelConfig
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width D of the inference embedding (the branches' widths summed)."""
+        return sum(b.dim for b in self.branches)
+
+    def forward_branches(
+        self,
+        images: torch.Tensor,
+        pids: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        logits: bool = True,
+    ) -> list[BranchOutput]:
+        """One BranchOutput per `self.branches` entry for images (B, 3, H, W).
+
+        Args:
+            pids: (B,) identities; enable the margin of CosFace/ArcFace heads in training.
+            modality: (B,) modality index of each image, for models with modality-specific
+                layers (others ignore it).
+            logits: compute the ID logits (False when only embedding).
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pids: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+    ) -> ReidOutput:
+        """Run the whole model; the same return type in train and eval mode."""
+        return ReidOutput(self.forward_branches(images, pids, modality))
+
+    def embed(
+        self,
+        images: torch.Tensor,
+        modality: torch.Tensor | None = None,
+        feature: str = "post_bn",
+    ) -> torch.Tensor:
+        """Inference embedding (B, D), L2-normalised; see `ReidOutput.embedding`.
+
+        Uses the BatchNorm running statistics only in eval mode: call `model.eval()` first.
+        """
+        return ReidOutput(
+            self.forward_branches(images, modality=modality, logits=False)
+        ).embedding(feature)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the (ImageNet-initialised) feature extractor: the optimizer's
+        "backbone" group, frozen for `train.freeze_backbone_iters`; the rest is the "head"."""
+        return self.backbone.parameters()
+
+
+class BoTModel(ReidModel):
+    """timm backbone + pooling + BNNeck + head: one branch; see the module docstring.
 
     Args:
         config: model settings (backbone name, pooling, head, ...).
@@ -157,7 +282,7 @@ class ReidModel(nn.Module):
             width = config.embedding_dim
         else:
             self.reduce = nn.Identity()
-        self.embedding_dim = width
+        self.branches = (BranchSpec("global", width),)
         self.bnneck = nn.BatchNorm1d(width)
         self.bnneck.bias.requires_grad_(False)  # BoT: a frozen zero shift
         self.head = HEADS[config.head](
@@ -173,25 +298,30 @@ class ReidModel(nn.Module):
             x = self.backbone.forward_head(x, pre_logits=True)
         return self.reduce(x)
 
-    def forward(self, images: torch.Tensor, pids: torch.Tensor | None = None) -> ReidOutput:
-        """Run the whole model; `pids` enable the margin of CosFace/ArcFace heads."""
+    def forward_branches(
+        self,
+        images: torch.Tensor,
+        pids: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        logits: bool = True,
+    ) -> list[BranchOutput]:
         f_t = self.features(images)  # (B, D)
         f_i = self.bnneck(f_t)  # (B, D)
-        return ReidOutput(features=f_t, bn_features=f_i, logits=self.head(f_i, pids))
+        return [BranchOutput(f_t, f_i, self.head(f_i, pids) if logits else None)]
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Inference embedding: L2-normalised post-BNNeck features (B, D).
 
-        Uses the BatchNorm running statistics only in eval mode: call `model.eval()` first.
-        """
-        return F.normalize(self.bnneck(self.features(images)), dim=1)
+# Architectures by `model.arch`: a new one is a ReidModel subclass and one entry here.
+ARCHS: dict[str, type[ReidModel]] = {"bot": BoTModel}
 
 
 def check_backbone(name: str) -> None:
     """Raise ModelError, listing similar names, unless `name` is a timm model."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"model.backbone={name!r} is not a timm model; similar names: {close}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6,
+                                          cutoff=0.5)
+        hint = f"similar names: {close} (did you mean {close[0]!r}?)" if close else (
+            "see timm.list_models()")
+        raise ModelError(f"model.backbone={name!r} is not a timm model; {hint}")
 
 
 def create_backbone(name: str, pretrained: str = "") -> nn.Module:
@@ -216,5 +346,11 @@ def create_backbone(name: str, pretrained: str = "") -> nn.Module:
 
 
 def build_model(config: ModelConfig, num_classes: int) -> ReidModel:
-    """Build the model described by `config` with `num_classes` training identities."""
-    return ReidModel(config, num_classes)
+    """Build the model described by `config` (`model.arch`) with `num_classes` identities.
+
+    Raises:
+        ModelError: an unknown architecture or a setting the architecture cannot build.
+    """
+    if config.arch not in ARCHS:
+        raise ModelError(f"model.arch={config.arch!r}; choose one of {sorted(ARCHS)}")
+    return ARCHS[config.arch](config, num_classes)

@@ -8,11 +8,12 @@ MLFLOW_TRACKING_URI to a tracking server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,26 @@ class RunLogger:
         for start in range(0, len(items), 1000):
             self._client().log_batch(self.run_id, metrics=items[start : start + 1000])
 
+    def log_metrics_once(self, metrics: Mapping[str, float], step: int,
+                         marker: str = "epoch") -> bool:
+        """`log_metrics` unless this step was logged already (its `marker` metric exists).
+
+        A training attempt that failed after logging an epoch, then re-ran it, must not log
+        that epoch twice. The metrics of one call go in one `log_batch`, so the marker's
+        presence means the whole step is there.
+
+        Returns:
+            True if logged.
+        """
+        if not self.active:
+            return False
+        if marker in metrics:
+            history = self._client().get_metric_history(self.run_id, marker)
+            if any(m.step == step for m in history):
+                return False
+        self.log_metrics(metrics, step)
+        return True
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active:
             return
@@ -157,3 +178,17 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         if self.active:
             self._client().set_terminated(self.run_id, status)
+
+    @contextlib.contextmanager
+    def ending_on_exit(self) -> Iterator[RunLogger]:
+        """End the run on every way out of the block: FINISHED when it completes, KILLED on
+        Ctrl+C / SIGTERM (KeyboardInterrupt, SystemExit), FAILED on any other error."""
+        try:
+            yield self
+        except (KeyboardInterrupt, SystemExit):
+            self.end("KILLED")
+            raise
+        except BaseException:
+            self.end("FAILED")
+            raise
+        self.end("FINISHED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -322,6 +323,12 @@ def test_box_outside_image(tmp_path):
         ("img/b.png,1,0,train,a,b,c,d", "box x,y,w,h must be numbers"),
         ("img/b.png,1,0,train,0,0,0,5", "w,h > 0"),
         ("img/b.png,1,0,train,-1,0,4,5", "x,y >= 0"),
+        ("img/b.png,1,0,train,0,0,4,-5", "w,h > 0"),
+        ("img/b.png,1,0,train,inf,0,4,5", "box x='inf' must be a finite number"),
+        ("img/b.png,1,0,train,0,0,nan,5", "box w='nan' must be a finite number"),
+        ("img/b.png,1,0,train,0,-inf,4,5", "box y='-inf' must be a finite number"),
+        ("img/b.png,1,0,train,0,0,1e999,5", "box w='1e999' must be a finite number"),
+        ("img/b.png,1,0,train,0,,4,5", "box x,y,w,h must be numbers, got y=''"),
         (",1,0,train,,,,", "path is empty"),
     ],
 )
@@ -464,3 +471,80 @@ def test_dataset_skips_corrupt_images(corrupt_files):
 
     all_bad = collate_skip_corrupt([dataset[1], dataset[3]])
     assert all_bad["image"] is None and all_bad["pid"] is None and len(all_bad["skipped"]) == 2
+
+
+@pytest.mark.parametrize("outside", ["../../../../etc/passwd", "/etc/hostname", "img/../../x.png"])
+def test_csv_paths_outside_the_root_are_refused(tmp_path, outside):
+    base = tmp_path / "data"
+    write_image(base / "img" / "a.png")
+    manifest = write_csv(
+        base / "m.csv",
+        ["path,pid,camid,split", "img/a.png,1,0,train", "img/a.png,2,0,query",
+         f"{outside},2,1,gallery"],
+    )
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(f"{manifest}:4: path {outside!r} leads outside the dataset root {base}")
+        + ".*data.allow_outside_root: true",
+    ):
+        load_csv(manifest)
+    dataset = load_csv(manifest, allow_outside_root=True)
+    assert [s.item_id for s in dataset.gallery] == [outside]
+    assert os.path.normpath(dataset.gallery[0].path) == os.path.normpath(base / outside)
+
+
+def test_csv_encodings_and_bom(tmp_path):
+    rows = ["path,pid,camid,split,colour", "a.png,1,0,train,café", "a.png,2,0,query,thé",
+            "a.png,2,1,gallery,crème"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("\n".join(rows).encode("latin-1"))
+    # latin-1 bytes are not UTF-8: reliably detected, so the line and byte are named
+    with pytest.raises(DatasetError, match=re.escape(f"{latin}:2: byte 0xe9 (byte 20 of the line) "
+                                                     "is not valid utf-8") + ".*data.csv_encoding"):
+        load_csv(latin)
+    # which 8-bit encoding it is cannot be guessed: the user says so
+    assert load_csv(latin, encoding="latin-1").train[0].meta == {"colour": "café"}
+    bom = tmp_path / "bom" / "excel.csv"
+    bom.parent.mkdir()
+    bom.write_text("\n".join(rows), encoding="utf-8-sig")  # what Excel writes
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    dataset = load_csv(bom)
+    assert [s.meta["colour"] for s in dataset.gallery] == ["crème"]
+    assert dataset.train[0].pid == 1
+    with pytest.raises(DatasetError, match="unknown text encoding 'klingon'"):
+        load_csv(bom, encoding="klingon")
+
+
+def test_csv_line_numbers_count_physical_lines(tmp_path):
+    manifest = write_csv(
+        tmp_path / "m.csv",
+        ["path,pid,camid,split,note", "a.png,1,0,train,", "", 'a.png,1,0,train,"two',
+         'lines"', "a.png,x,0,train,"],
+    )
+    with pytest.raises(DatasetError, match=re.escape(f"{manifest}:6: pid 'x'")):
+        load_csv(manifest)
+    huge = write_csv(tmp_path / "huge.csv", ["path,pid,camid,split", 'a.png,1,0,"' + "x" * 140_000])
+    with pytest.raises(DatasetError, match=re.escape(f"{huge}:") + r"\d+: not valid CSV \(field"):
+        load_csv(huge)
+
+
+def test_config_reaches_the_csv_reader(tmp_path):
+    from reid_platform.config import load_config
+    from reid_platform.data.root import load_config_dataset
+
+    base = tmp_path / "data"
+    write_image(base / "a.png")
+    manifest = base / "m.csv"
+    manifest.write_bytes(
+        b"path,pid,camid,split,who\na.png,1,0,train,Ren\xe9\na.png,1,0,train,x\n"
+        b"a.png,2,0,query,y\n../outside.png,2,1,gallery,z\n"
+    )
+    config = load_config(None, [f"data.root={manifest}", "data.format=csv"])
+    with pytest.raises(DatasetError, match=":2: byte 0xe9"):
+        load_config_dataset(config)
+    config = config.replace(**{"data.csv_encoding": "latin-1"})
+    with pytest.raises(DatasetError, match=":5: path '../outside.png' leads outside"):
+        load_config_dataset(config)
+    config = config.replace(**{"data.allow_outside_root": True})
+    dataset = load_config_dataset(config)
+    assert dataset.train[0].meta == {"who": "René"} and len(dataset.gallery) == 1

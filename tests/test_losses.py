@@ -12,11 +12,18 @@ from reid_platform.config import LossConfig
 from reid_platform.losses import (
     CenterLoss,
     CrossEntropyLabelSmooth,
+    LossTerm,
     ReidLoss,
     TripletLoss,
     cosine_dist,
     euclidean_dist,
 )
+from reid_platform.models import BranchOutput, BranchSpec, ReidOutput
+
+
+def one_branch(features: torch.Tensor, logits: torch.Tensor) -> ReidOutput:
+    """A BoT-like output: one branch whose post-BNNeck features are not used by losses."""
+    return ReidOutput([BranchOutput(features, features.detach(), logits)])
 
 # ---- references --------------------------------------------------------------------------
 
@@ -241,17 +248,18 @@ def test_reid_loss_weights(id_w, tri_w, center_w):
     pids = pk_pids(3, 2, gen)
     features = torch.randn(6, 8, generator=gen)
     logits = torch.randn(6, 3, generator=gen)
-    loss_fn = ReidLoss(config, num_classes=3, feat_dim=8)
-    out = loss_fn(features, logits, pids)
+    loss_fn = ReidLoss(config, num_classes=3, branches=[BranchSpec("global", 8)])
+    out = loss_fn(one_branch(features, logits), {"pid": pids})
 
     expected_keys = {"id", "triplet"} | ({"center"} if center_w > 0 else set())
     assert set(out.terms) == expected_keys
-    assert (loss_fn.center is None) == (center_w == 0)
+    assert ("center" in loss_fn.terms) == (center_w > 0)
     torch.testing.assert_close(out.terms["id"], CrossEntropyLabelSmooth(0.1)(logits, pids))
     torch.testing.assert_close(out.terms["triplet"], TripletLoss(0.5)(features, pids))
     want = id_w * out.terms["id"] + tri_w * out.terms["triplet"]
     if center_w > 0:
-        torch.testing.assert_close(out.terms["center"], loss_fn.center(features, pids))
+        center = loss_fn.terms["center"].centers[0]
+        torch.testing.assert_close(out.terms["center"], center(features, pids))
         want = want + center_w * out.terms["center"]
     torch.testing.assert_close(out.total, want)
 
@@ -262,7 +270,107 @@ def test_reid_loss_half_precision_inputs_give_float32_terms():
     pids = pk_pids(3, 2, gen)
     features = torch.randn(6, 8, generator=gen).half().requires_grad_(True)
     logits = torch.randn(6, 3, generator=gen).half()
-    out = ReidLoss(config, num_classes=3, feat_dim=8)(features, logits, pids)
+    out = ReidLoss(config, num_classes=3, branches=[BranchSpec("global", 8)])(
+        one_branch(features, logits), {"pid": pids}
+    )
     assert all(t.dtype == torch.float32 for t in out.terms.values())
     out.total.backward()
     assert torch.isfinite(features.grad.float()).all()
+
+
+# ---- several branches, terms that own parameters ------------------------------------------
+
+
+def test_losses_sum_over_branches_and_metric_losses_skip_non_metric_branches():
+    """ID loss on every branch's logits; triplet and center only on metric branches."""
+    gen = torch.Generator().manual_seed(9)
+    pids = pk_pids(3, 2, gen)
+    branches = [BranchSpec("global", 8), BranchSpec("part1", 4, metric=False),
+                BranchSpec("global2", 6)]
+    feats = [torch.randn(6, b.dim, generator=gen) for b in branches]
+    logits = [torch.randn(6, 3, generator=gen) for _ in branches]
+    output = ReidOutput([BranchOutput(f, f, lg) for f, lg in zip(feats, logits)])
+    config = LossConfig(id_weight=0.5, triplet_weight=2.0, center_weight=0.1, margin=0.3)
+    loss_fn = ReidLoss(config, num_classes=3, branches=branches)
+    out = loss_fn(output, {"pid": pids})
+
+    ce, tri = CrossEntropyLabelSmooth(0.1), TripletLoss(0.3)
+    want_id = sum(ce(lg, pids) for lg in logits)
+    want_tri = tri(feats[0], pids) + tri(feats[2], pids)
+    centers = loss_fn.terms["center"].centers
+    assert [c.centers.shape for c in centers] == [(3, 8), (3, 6)]  # one table per metric branch
+    want_center = centers[0](feats[0], pids) + centers[1](feats[2], pids)
+    torch.testing.assert_close(out.terms["id"], want_id)
+    torch.testing.assert_close(out.terms["triplet"], want_tri)
+    torch.testing.assert_close(out.terms["center"], want_center)
+    torch.testing.assert_close(out.total, 0.5 * want_id + 2.0 * want_tri + 0.1 * want_center)
+
+
+def test_center_step_undoes_weight_and_amp_scale_and_skips_non_finite():
+    """The centres move by lr * d(center loss)/d(centre), whatever the weight and AMP scale."""
+    torch.manual_seed(0)
+    weight, lr, scale = 0.0005, 0.5, 1024.0
+    config = LossConfig(id_weight=1.0, triplet_weight=0.0, center_weight=weight, center_lr=lr)
+    branches = [BranchSpec("global", 4)]
+    loss_fn = ReidLoss(config, num_classes=3, branches=branches)
+    center = loss_fn.terms["center"].centers[0]
+    feats = torch.randn(4, 4)
+    pids = torch.tensor([0, 0, 2, 2])
+    output = ReidOutput([BranchOutput(feats, feats, torch.randn(4, 3))])
+    before = center.centers.detach().clone()
+    want_grad = torch.autograd.grad(center(feats, pids), center.centers)[0]
+
+    loss_fn.zero_grad()
+    (loss_fn(output, {"pid": pids}).total * scale).backward()  # what GradScaler does
+    loss_fn.sync_gradients(world_size=1)
+    loss_fn.step(grad_scale=scale)
+    torch.testing.assert_close(center.centers.detach(), before - lr * want_grad)
+
+    after = center.centers.detach().clone()
+    center.centers.grad = torch.full_like(after, float("inf"))  # AMP overflow: no step
+    loss_fn.step(grad_scale=scale)
+    torch.testing.assert_close(center.centers.detach(), after)
+
+
+def test_training_state_round_trip_restores_centres_and_their_optimizer():
+    config = LossConfig(center_weight=0.1)
+    branches = [BranchSpec("global", 4)]
+    source = ReidLoss(config, num_classes=3, branches=branches)
+    target = ReidLoss(config, num_classes=3, branches=branches)
+    source.optimizers["center"].param_groups[0]["lr"] = 0.123
+    target.load_training_state(source.training_state())
+    torch.testing.assert_close(target.terms["center"].centers[0].centers,
+                               source.terms["center"].centers[0].centers)
+    assert target.optimizers["center"].param_groups[0]["lr"] == 0.123
+    target.load_training_state({})  # a checkpoint without loss state changes nothing
+    torch.testing.assert_close(target.terms["center"].centers[0].centers,
+                               source.terms["center"].centers[0].centers)
+
+
+class ScaledIdentityTerm(LossTerm):
+    """A term with a learnable parameter and no own optimizer: it trains with the model."""
+
+    name = "scaled"
+
+    def __init__(self, weight: float):
+        super().__init__(weight)
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, output, batch):
+        return self.scale * output.branches[0].features.pow(2).mean()
+
+
+def test_a_new_term_needs_no_loop_code():
+    """Explicit terms compose with the configured total; parameters without an own optimizer
+    are handed to the model's optimizer, and every term gets its own name in the logs."""
+    term = ScaledIdentityTerm(weight=0.5)
+    loss_fn = ReidLoss(LossConfig(), num_classes=3, branches=[BranchSpec("g", 4)], terms=[term])
+    assert loss_fn.model_parameters() == [term.scale] and loss_fn.optimizers == {}
+    feats = torch.ones(2, 4)
+    out = loss_fn(ReidOutput([BranchOutput(feats, feats, torch.zeros(2, 3))]), {"pid": None})
+    assert set(out.terms) == {"scaled"}
+    torch.testing.assert_close(out.total, torch.tensor(0.5 * 2.0))
+    with pytest.raises(ValueError, match="distinct names"):
+        ReidLoss(LossConfig(), 3, [BranchSpec("g", 4)], terms=[term, ScaledIdentityTerm(1.0)])
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        ReidLoss(LossConfig(id_weight=0.0, triplet_weight=0.0), 3, [BranchSpec("g", 4)])

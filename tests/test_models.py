@@ -38,11 +38,15 @@ from reid_platform.models import (
     HEADS,
     POOLINGS,
     ArcFaceHead,
+    BranchOutput,
+    BranchSpec,
     CosFaceHead,
     GeM,
     ModelError,
+    ReidModel,
     ReidOutput,
     build_model,
+    concat_embedding,
     create_backbone,
 )
 
@@ -80,12 +84,6 @@ def images(batch: int = 4, height: int = 64, width: int = 32, seed: int = 0) -> 
 # ---- contract ------------------------------------------------------------------------------
 
 
-def test_combos_cover_every_name():
-    assert {c[0] for c in COMBOS} == set(BACKBONES)
-    assert {c[1] for c in COMBOS} == set(POOLINGS)
-    assert {c[2] for c in COMBOS} == set(HEADS)
-
-
 @pytest.mark.parametrize("backbone,pooling,head", COMBOS)
 def test_model_contract(backbone, pooling, head):
     torch.manual_seed(0)
@@ -101,12 +99,14 @@ def test_model_contract(backbone, pooling, head):
     assert isinstance(out, ReidOutput)
     dim = model.embedding_dim
     assert dim == (embedding_dim or model.backbone.num_features)
-    assert out.features.shape == out.bn_features.shape == (4, dim)
-    assert out.logits.shape == (4, NUM_CLASSES)
-    for tensor in (out.features, out.bn_features, out.logits):
+    assert [b.dim for b in model.branches] == [dim] and len(out.branches) == 1
+    (branch,) = out.branches
+    assert branch.features.shape == branch.bn_features.shape == (4, dim)
+    assert branch.logits.shape == (4, NUM_CLASSES)
+    for tensor in (branch.features, branch.bn_features, branch.logits):
         assert torch.isfinite(tensor).all()
 
-    loss = F.cross_entropy(out.logits, pids) + out.features.pow(2).mean()
+    loss = F.cross_entropy(branch.logits, pids) + branch.features.pow(2).mean()
     loss.backward()
     grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -119,11 +119,61 @@ def test_model_contract(backbone, pooling, head):
         emb = model.embed(x)
         want = F.normalize(model.bnneck(model.features(x)), dim=1)
     assert isinstance(out_eval, ReidOutput)  # same return type in eval mode
-    assert out_eval.logits.shape == (4, NUM_CLASSES)
+    assert out_eval.branches[0].logits.shape == (4, NUM_CLASSES)
     assert emb.shape == (4, dim)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
     torch.testing.assert_close(emb, want)
-    torch.testing.assert_close(emb, F.normalize(out_eval.bn_features, dim=1))
+    torch.testing.assert_close(emb, F.normalize(out_eval.branches[0].bn_features, dim=1))
+    with torch.no_grad():
+        pre = model.embed(x, feature="pre_bn")
+    torch.testing.assert_close(pre, F.normalize(model.features(x), dim=1))
+
+
+class TwoBranchModel(ReidModel):
+    """A minimal part model: a global branch and a two-stripe branch over one tiny CNN."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.config, self.num_classes = ModelConfig(backbone="test_resnet"), num_classes
+        self.backbone = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.necks = torch.nn.ModuleList(torch.nn.BatchNorm1d(d) for d in (6, 12))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, num_classes) for d in (6, 12))
+        self.branches = (BranchSpec("global", 6), BranchSpec("stripes", 12, metric=False))
+
+    def forward_branches(self, images, pids=None, modality=None, logits=True):
+        x = self.backbone(images)  # (B, 6, H, W)
+        stripes = torch.nn.functional.adaptive_avg_pool2d(x, (2, 1)).flatten(1)  # (B, 12)
+        out = []
+        for f, neck, head in zip((x.mean(dim=(2, 3)), stripes), self.necks, self.heads):
+            bn = neck(f)
+            out.append(BranchOutput(f, bn, head(bn) if logits else None))
+        return out
+
+
+def test_several_branches_share_one_contract():
+    """Embedding = every branch's post-BNNeck features concatenated, then L2-normalised."""
+    torch.manual_seed(0)
+    model = TwoBranchModel(NUM_CLASSES)
+    x = images()
+    out = model(x, torch.tensor([0, 1, 2, 3]))
+    assert [b.logits.shape for b in out.branches] == [(4, NUM_CLASSES)] * 2
+    assert model.embedding_dim == 18
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        emb = model.embed(x)
+    want = torch.cat([out.branches[0].bn_features, out.branches[1].bn_features], dim=1)
+    want = want / want.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(emb, want)
+    torch.testing.assert_close(out.embedding(), want)
+    torch.testing.assert_close(concat_embedding([b.bn_features for b in out.branches]), want)
+    with pytest.raises(ModelError, match="feature='after'"):
+        out.embedding("after")
+
+
+def test_unknown_arch_is_named():
+    with pytest.raises(ModelError, match=r"model.arch='mgnx'.*choose one of \['bot'"):
+        build_model(dataclasses.replace(model_config(), arch="mgnx"), NUM_CLASSES)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "test_resnet"])
@@ -141,7 +191,7 @@ def test_last_stride_one_doubles_the_final_map(backbone):
 
 def test_last_stride_ignored_without_layer4():
     model = build_model(model_config("test_vit", last_stride=1), NUM_CLASSES)
-    assert model(images(2)).features.shape == (2, model.backbone.num_features)
+    assert model(images(2)).branches[0].features.shape == (2, model.backbone.num_features)
 
 
 # ---- pooling and heads ---------------------------------------------------------------------
@@ -231,6 +281,8 @@ def test_unknown_backbone_lists_similar_names():
     with pytest.raises(ModelError, match=r"'resnet_50x' is not a timm model.*resnet") as info:
         create_backbone("resnet_50x")
     assert "similar names: [" in str(info.value)
+    with pytest.raises(ModelError, match=r"did you mean 'resnet18'\?"):
+        create_backbone("resnet_18")
 
 
 @pytest.mark.parametrize(
@@ -398,14 +450,30 @@ def test_train_pipeline_all_on_does_not_warn():
 @pytest.mark.parametrize("name", AUGMENTATIONS)
 @pytest.mark.parametrize("size", [(128, 64), (64, 32)])
 def test_each_augmentation_alone(name, size):
+    """Each augmentation, switched on alone, changes the image (a no-op would fail), keeps
+    its size and normalisation, and differs between two draws of the same image."""
     height, width = size
     augment = dataclasses.replace(ALL_OFF, **{name: 10 if name == "pad" else 1.0})
     transform = build_train_transform(height, width, augment)
+    plain = build_eval_transform(height, width)
     transform.set_random_seed(0)
-    for n in range(2):
-        out = transform(image=person(seed=n))["image"]
+    if name == "random_patch_p":  # it pastes once its pool holds min_pool patches
+        for n in range(100):
+            transform(image=person(height, width, seed=100 + n))
+    changed, varied = 0, 0
+    for n in range(4):
+        image = person(height, width, seed=n)
+        out = transform(image=image)["image"]
         assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
         assert out.shape == (3, height, width) and torch.isfinite(out).all()
+        baseline = plain(image=image)["image"]
+        changed += not torch.allclose(out, baseline)
+        varied += not torch.allclose(out, transform(image=image)["image"])
+        if name == "flip_p":  # exactly the mirror image
+            torch.testing.assert_close(out, baseline.flip(-1))
+    assert changed >= 3, f"{name} left {4 - changed} of 4 images unchanged"
+    if name != "flip_p":  # a flip with p=1 is deterministic
+        assert varied >= 2, f"{name} gave the same output twice for {4 - varied} images"
 
 
 def test_all_off_is_resize_and_normalise():

@@ -160,3 +160,41 @@ def test_errors():
 
 def test_batch_size_property():
     assert PKBatchSampler(make_pids([4] * 5), num_ids=3, num_instances=4).batch_size == 12
+
+
+def test_max_images_per_id_caps_each_epoch_with_a_new_subset():
+    pids = make_pids([40] * 4 + [5] * 8)  # four frequent identities, eight rare ones
+    index_of = {pid: {i for i, p in enumerate(pids) if p == pid} for pid in set(pids)}
+    capped = rank_samplers(pids, num_ids=2, num_instances=4, seed=3, max_images_per_id=8)
+    subsets: dict[int, list[frozenset[int]]] = {pid: [] for pid in range(100, 104)}
+    for epoch in range(5):
+        per_rank = epoch_batches(capped, epoch)
+        assert len({len(b) for b in per_rank}) == 1  # every rank the same number of batches
+        used: dict[int, list[int]] = {}
+        for batches in per_rank:
+            for batch in batches:
+                assert_pk(batch, pids, 2, 4)
+                for i in batch:
+                    used.setdefault(pids[i], []).append(i)
+        for pid, indices in used.items():
+            assert set(indices) <= index_of[pid]
+            assert len(set(indices)) <= 8  # the cap: distinct images of an identity per epoch
+            if pid < 104:
+                assert len(indices) <= 8  # 8 = 2 x K: no padding repeats either
+                subsets[pid].append(frozenset(indices))
+    for seen in subsets.values():
+        assert len(set(seen)) > 1, "a different random subset each epoch"
+        assert len(frozenset().union(*seen)) > 8, "over epochs more of the images are seen"
+    # under-sampling shortens the epoch: frequent identities no longer fill most batches
+    (one_rank,) = rank_samplers(pids, world=1, num_ids=2, num_instances=4, max_images_per_id=8)
+    (all_images,) = rank_samplers(pids, world=1, num_ids=2, num_instances=4)
+    # 12 ids x 2 chunks of K (capped) vs 4 x 10 + 8 x 2 chunks: P=2 chunks a batch, a few
+    # chunks may be stranded by the random draws
+    assert 10 <= len(one_rank) <= 12 and 25 <= len(all_images) <= 28
+
+
+def test_max_images_per_id_below_k_is_an_error():
+    with pytest.raises(ValueError, match=r"max_images_per_id=3 must be 0 \(off\) or at least K"):
+        PKBatchSampler(make_pids([4] * 5), num_ids=2, num_instances=4, max_images_per_id=3)
+    with pytest.raises(ValueError, match="max_images_per_id=-1"):
+        PKBatchSampler(make_pids([4] * 5), num_ids=2, max_images_per_id=-1)

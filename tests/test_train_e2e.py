@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from reid_platform.checkpoint import load_model, read_checkpoint
 from reid_platform.config import Config, load_config
+from reid_platform.data.root import load_config_dataset
+from reid_platform.evaluation.embed import evaluate_model
 
 from conftest import REPO, job_env, tiny_config_overrides
 
@@ -108,8 +110,20 @@ def test_ddp_train_logs_metrics_and_resumes(tiny_market, ray_address, workspace,
     client, run = mlflow_run(stdout, workspace)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3]
     assert run.data.metrics["epoch"] == 3
-    for key in ("swa_rank1", "swa_mAP", "swa_mINP"):
+    for key in ("pre_swa_rank1", "pre_swa_mAP", "pre_swa_mINP"):
         assert 0.0 <= run.data.metrics[key] <= 1.0
+    # The headline metrics are those of the saved (SWA) checkpoint: re-evaluate it here.
+    model, config = load_model(resumed)
+    dataset = load_config_dataset(config)
+    result, _ = evaluate_model(model, dataset.query, dataset.gallery, config.data.height,
+                               config.data.width, batch_size=config.data.eval_batch_size)
+    assert result.mAP == pytest.approx(run.data.metrics["mAP"], abs=1e-4)
+    assert result.rank(1) == pytest.approx(run.data.metrics["rank1"], abs=1e-4)
+    assert "SWA model (the checkpoint) metrics: rank1" in stdout
+    # MLflow keeps the model without its optimizer state; the resumable one keeps it.
+    final = client.download_artifacts(run.info.run_id, "checkpoints/final", str(tmp_path))
+    assert read_checkpoint(final)["training_state"] == {}
+    assert "optimizer" in read_checkpoint(resumed)["training_state"]
 
 
 def test_bot_config_smoke_test_on_market_tree(tiny_market, ray_address, workspace):
@@ -151,7 +165,7 @@ def test_bad_input_is_a_clear_error(tmp_path, workspace):
         ([f"data.root={keep.parent}"], "refusing to overwrite it"),
         (["model.backbone=resnet_50"], "is not a timm model; similar names"),
         ([f"train.resume_from={tmp_path / 'nope'}"], "train.resume_from="),
-        (["train.num_workers=0"], "train.num_workers=0 must be >= 1"),
+        (["train.num_workers=-1"], "train.num_workers=-1 must be >= 1 (Ray Train DDP workers)"),
     ]:
         proc = subprocess.run(
             [sys.executable, "jobs/train.py", "--set", *args], cwd=REPO, env=env,

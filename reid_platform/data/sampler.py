@@ -3,6 +3,11 @@
 Every rank draws its own identities, and every rank yields the same number of batches per
 epoch (a rank that runs out first would leave the others waiting in an all-reduce forever).
 Batches are a pure function of (seed, epoch, rank), so a resumed run redraws the same epoch.
+
+Under-sampling (`max_images_per_id`, from a competition write-up on long-tailed data): an
+identity with many images contributes at most that many per epoch, a different random subset
+every epoch, so frequent identities stop dominating the epoch while all their images are
+still seen over the run.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ class PKBatchSampler:
         seed: base seed; the epoch set with `set_epoch` is mixed in.
         batches_per_epoch: fixed number of batches per rank (0 = the fewest any rank can form
             without reusing an image chunk).
+        max_images_per_id: at most this many distinct images of an identity per epoch, drawn
+            anew each epoch (0 = all of them); at least K, or each batch would repeat images.
 
     Identities are split across ranks each epoch (rank r takes every world-th identity of a
-    shuffled list); with fewer than P x world identities every rank draws from all of them.
+    shuffled list); with fewer than P x world identities every rank draws from all of them
+    (and then each rank draws its own `max_images_per_id` subset).
     """
 
     def __init__(
@@ -40,9 +48,15 @@ class PKBatchSampler:
         rank: int = 0,
         seed: int = 0,
         batches_per_epoch: int = 0,
+        max_images_per_id: int = 0,
     ):
         if num_ids < 1 or num_instances < 1:
             raise ValueError(f"P={num_ids} and K={num_instances} must both be >= 1")
+        if max_images_per_id < 0 or 0 < max_images_per_id < num_instances:
+            raise ValueError(
+                f"data.max_images_per_id={max_images_per_id} must be 0 (off) or at least "
+                f"K=data.num_instances={num_instances}"
+            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} must be in [0, {num_replicas})")
         self.index_by_pid: dict[int, np.ndarray] = {}
@@ -61,6 +75,7 @@ class PKBatchSampler:
         self.rank = rank
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
+        self.max_images_per_id = max_images_per_id
         self.epoch = 0
         # The training loop asks len() (for the schedule) and then iterates, every epoch:
         # draw the epoch's batches once. (epoch, batches of every rank)
@@ -79,6 +94,8 @@ class PKBatchSampler:
         k = self.num_instances
         for pid in pids:
             indices = rng.permutation(self.index_by_pid[int(pid)])
+            if self.max_images_per_id:
+                indices = indices[: self.max_images_per_id]  # this epoch's random subset
             if len(indices) < k:
                 indices = rng.choice(indices, size=k, replace=True)
             elif len(indices) % k:

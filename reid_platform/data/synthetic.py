@@ -804,7 +804,12 @@ def generate_market_tree(
             (tmp / split).mkdir(parents=True)
         counts = dict.fromkeys(SPLIT_DIRS, 0)
         identities: dict[tuple[int, ...], Identity] = {}
-        for job in tqdm(jobs, desc=f"synthetic {root.name}", disable=not progress, unit="img"):
+        if progress:
+            print(f"[data] generating the synthetic dataset {root.name} ({len(jobs)} images, "
+                  "once) ...", flush=True)
+        # the bar only on a terminal (disable=None): in a log file it is one endless line
+        for job in tqdm(jobs, desc=f"synthetic {root.name}", disable=None if progress else True,
+                        unit="img", leave=False):
             if job.look not in identities:
                 identities[job.look] = sample_identity(np.random.default_rng(list(job.look)))
             rng = np.random.default_rng([seed, _TAG_IMAGE, job.serial])

@@ -6,8 +6,14 @@ sweep, which launches one trainer per trial.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +22,15 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from reid_platform.checkpoint import CheckpointError, read_checkpoint
+from reid_platform.checkpoint import CheckpointError, read_checkpoint, slim_copy
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
 from reid_platform.data.root import load_config_dataset, resolve_data_root
 from reid_platform.models import check_backbone
-from reid_platform.runtime import cluster_gpus, init_ray
+from reid_platform.runtime import cluster_gpus, init_ray, verbose
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
+from reid_platform.training.session import LocalSession
 
 
 @dataclass
@@ -52,8 +59,11 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     worker count and a resume checkpoint's number of classes, so that a mistake is one clear
     message here rather than a worker traceback retried `max_failures` times.
     """
-    if config.train.num_workers < 1:
-        raise ConfigError(f"train.num_workers={config.train.num_workers} must be >= 1")
+    if config.train.num_workers < 0:
+        raise ConfigError(
+            f"train.num_workers={config.train.num_workers} must be >= 1 (Ray Train DDP "
+            "workers), or 0 to run the loop in this process without Ray (debug mode)"
+        )
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
     check_backbone(config.model.backbone)
@@ -105,18 +115,20 @@ def build_trainer(
     run_name: str,
     storage_path: str | None = None,
     callbacks: list[Any] | None = None,
+    progress_bar: bool = False,
 ) -> TorchTrainer:
     """A TorchTrainer running `train_loop_per_worker` with the config's scaling settings.
 
     `callbacks` go to the trainer's RunConfig (the Tune sweep passes one that forwards the
-    evaluation reports to Tune); `storage_path` defaults to `<workspace>/ray_results`.
+    evaluation reports to Tune); `storage_path` defaults to `<workspace>/ray_results`;
+    `progress_bar` draws a per-epoch bar (for a terminal).
     """
     use_gpu = resolve_use_gpu(config)
     train = config.train
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri,
-                           "run_id": run_id},
+                           "run_id": run_id, "progress_bar": progress_bar},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers,
@@ -125,11 +137,11 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path
-            or config.train.storage_path
-            or str(config.workspace_dir / "ray_results"),
+            storage_path=_storage_path(config, storage_path),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # One resumable checkpoint (weights + optimizer) per run: Ray deletes the previous
+            # one only after the new one is persisted.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),
     )
@@ -145,9 +157,35 @@ def local_checkpoint(checkpoint: ray.train.Checkpoint, download_to: Path) -> Pat
     return Path(checkpoint.to_directory(str(download_to)))
 
 
+def scale_swa(config: Config) -> Config:
+    """`train.swa_epochs >= train.epochs` would make every epoch an SWA epoch at a constant
+    lr (no warm-up, no decay) and the checkpoint can be worse than without SWA: average the
+    last sixth of the epochs instead (at least one; none for a 1-epoch run), and say so."""
+    train = config.train
+    if train.swa_epochs == 0 or train.swa_epochs < train.epochs or train.epochs == 0:
+        return config
+    scaled = max(train.epochs // 6, 1) if train.epochs >= 2 else 0
+    print(f"[train] warning: train.swa_epochs={train.swa_epochs} >= train.epochs="
+          f"{train.epochs} would average every epoch at a constant lr; SWA averages the last "
+          f"{scaled} epoch(s) instead (set train.swa_epochs below train.epochs to choose)",
+          flush=True)
+    return config.replace(**{"train.swa_epochs": scaled})
+
+
+def default_name(config: Config, dataset: ReidDataset) -> Config:
+    """A run on the user's own data (`data.root` of a real format) that kept the demo's name
+    is named after the dataset, so it does not land in the demo's MLflow experiment."""
+    if config.name != Config.name or config.data.format == "synthetic":
+        return config
+    print(f"[train] experiment {dataset.name!r} (named after the dataset; --set name=... to "
+          "choose another)", flush=True)
+    return config.replace(name=dataset.name)
+
+
 def run_training(config: Config, progress: bool = True) -> TrainingResult:
     """Train and evaluate as configured; returns the MLflow run, final checkpoint and metrics."""
     config, dataset = prepare_data(config, progress=progress)
+    config = scale_swa(default_name(config, dataset))
     print(dataset.summary(), flush=True)
     run_name = config.tracking.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_tracking_uri(config)
@@ -157,19 +195,67 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
     run_dir = config.workspace_dir / "runs" / run_name
     config_path = save_config(config, run_dir / "config.yaml")
     logger.log_artifact(config_path)
-    needed = config.train.num_workers * config.train.cpus_per_worker
-    init_ray(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
-    trainer = build_trainer(config, uri, run_id, run_name)
-    try:
-        result = trainer.fit()
-    except Exception:
-        logger.end("FAILED")
-        raise
-    if result.checkpoint is None:
-        logger.end("FAILED")
+    progress_bar = sys.stderr.isatty() and not verbose()
+    loop_config = {"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                   "progress_bar": progress_bar}
+    with logger.ending_on_exit():
+        with sigterm_as_interrupt():
+            if config.train.num_workers == 0:
+                checkpoint, metrics = _train_in_this_process(config, loop_config, run_name)
+            else:
+                needed = config.train.num_workers * config.train.cpus_per_worker
+                init_ray(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                         log_file=run_dir / "ray.log")
+                trainer = build_trainer(config, uri, run_id, run_name, progress_bar=progress_bar)
+                result = trainer.fit()
+                if result.checkpoint is None:
+                    raise RuntimeError("training finished without a checkpoint")
+                download_to = config.workspace_dir / "checkpoints" / run_name
+                checkpoint = local_checkpoint(result.checkpoint, download_to)
+                metrics = dict(result.metrics or {})
+        with tempfile.TemporaryDirectory() as tmp:
+            # MLflow keeps the model, not the optimizer state (a third of the size with Adam)
+            logger.log_artifact(slim_copy(checkpoint, tmp), "checkpoints/final")
+    return TrainingResult(run_id, uri, checkpoint, metrics, config_path)
+
+
+def _train_in_this_process(config: Config, loop_config: dict[str, Any],
+                           run_name: str) -> tuple[Path, dict[str, Any]]:
+    """`train.num_workers: 0`: the loop in this process, no Ray (pdb works, errors surface as
+    themselves); the same checkpoints and MLflow run. Returns (checkpoint, final metrics)."""
+    storage = _storage_path(config, None)
+    if "://" in storage:
+        raise ConfigError(f"train.num_workers=0 writes checkpoints to a local folder; "
+                          f"train.storage_path={storage!r} is not one")
+    device = {"auto": "auto", "true": "cuda", "false": "cpu"}[config.train.use_gpu]
+    session = LocalSession(Path(storage) / run_name, device=device)
+    print(f"[train] debug mode (train.num_workers=0): training in this process on "
+          f"{session.device}, without Ray", flush=True)
+    train_loop_per_worker(loop_config, session)
+    if session.latest is None:
         raise RuntimeError("training finished without a checkpoint")
-    download_to = config.workspace_dir / "checkpoints" / run_name
-    checkpoint = local_checkpoint(result.checkpoint, download_to)
-    logger.log_artifact(checkpoint, "checkpoints/final")
-    logger.end()
-    return TrainingResult(run_id, uri, checkpoint, dict(result.metrics or {}), config_path)
+    return session.latest, session.metrics
+
+
+def _storage_path(config: Config, storage_path: str | None) -> str:
+    """Ray Train results and checkpoints: the argument, `train.storage_path`, or
+    `<workspace>/ray_results`."""
+    return storage_path or config.train.storage_path or str(config.workspace_dir / "ray_results")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (`ray job stop`, `kill`, a scheduler's pre-emption) into KeyboardInterrupt
+    while the block runs, so `finally` clauses run and the MLflow run is ended KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
