@@ -54,7 +54,12 @@ from reid_platform.config import (
 from reid_platform.models import ModelError, check_backbone
 from reid_platform.runtime import init_ray
 from reid_platform.tracking import RunLogger, ensure_experiment, resolve_tracking_uri, start_run
-from reid_platform.training.trainer import build_trainer, prepare_data, resolve_use_gpu
+from reid_platform.training.trainer import (
+    build_trainer,
+    prepare_data,
+    resolve_use_gpu,
+    scale_swa,
+)
 
 # Metrics the training loop reports at every evaluation; all of them are higher-is-better.
 EVAL_METRICS = ("score", "rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
@@ -486,7 +491,8 @@ def reid_trial(
     The trainer's run is named by the trial id under `train_storage`, so a restored trial
     continues from its latest checkpoint instead of starting over.
     """
-    config = apply_params(Config.from_dict(base_config), params)
+    # as jobs/train.py does: SWA over every epoch of a short trial is scaled down, with a word
+    config = scale_swa(apply_params(Config.from_dict(base_config), params))
     context = tune.get_context()
     trial_id = context.get_trial_id()
     run_id = child_run(config, tracking_uri, parent_run_id, trial_id, context.get_trial_name())
