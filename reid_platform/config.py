@@ -67,6 +67,10 @@ class DataConfig:
     test_fraction: float = 0.5  # folder/csv without explicit splits: share of ids held out
     loader_workers: int = 2
     eval_batch_size: int = 128
+    # More training sources: CSV manifests (e.g. pseudo-label files) or dataset trees whose
+    # training rows join the training split, their ids kept apart from the others.
+    extra_train: tuple[str, ...] = ()
+    unlabelled: str = ""  # images without labels, for jobs/self_train.py
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

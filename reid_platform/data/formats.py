@@ -202,12 +202,17 @@ CSV_REQUIRED = ("path", "pid", "camid", "split")
 CSV_BOX = ("x", "y", "w", "h")
 
 
-def load_csv(manifest: str | Path) -> ReidDataset:
+def load_csv(manifest: str | Path, required_splits: tuple[str, ...] = SPLITS) -> ReidDataset:
     """Read a CSV manifest `path,pid,camid,split[,x,y,w,h][,id][,extra...]`.
 
     Paths are relative to the CSV's folder; `split` is train, query or gallery; box columns
     (all four or none) crop the region of interest; an `id` column gives item ids; any other
     column is kept as metadata. camid may be empty: query then gets 0 and gallery 1.
+
+    Args:
+        manifest: the CSV file, or a folder holding exactly one.
+        required_splits: splits that must have rows (an extra training source needs only
+            "train").
     """
     manifest = Path(manifest)
     if manifest.is_dir():
@@ -274,8 +279,8 @@ def load_csv(manifest: str | Path) -> ReidDataset:
                     item_id=row.get("id") or row["path"],
                 )
             )
-    for split, samples in splits.items():
-        if not samples:
+    for split in required_splits:
+        if not splits[split]:
             raise DatasetError(f"{manifest}: no rows with split={split}")
     return ReidDataset(manifest.stem, base, splits["train"], splits["query"], splits["gallery"])
 

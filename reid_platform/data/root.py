@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reid_platform.config import Config, ConfigError
+from reid_platform.data.extra import merge_extra_train
 from reid_platform.data.formats import ReidDataset, load_dataset
 
 
@@ -52,16 +53,33 @@ def resolve_data_root(config: Config, progress: bool = True) -> Config:
             f"data.root is empty; data.format={data.format} needs a dataset path "
             "(--set data.root=/path/to/dataset)"
         )
-    return config.replace(**{"data.root": str(Path(root).expanduser().resolve())})
+    overrides = {"data.root": str(Path(root).expanduser().resolve())}
+    if data.extra_train:
+        overrides["data.extra_train"] = [
+            _existing(p, f"data.extra_train[{i}]") for i, p in enumerate(data.extra_train)
+        ]
+    if data.unlabelled:
+        overrides["data.unlabelled"] = _existing(data.unlabelled, "data.unlabelled")
+    return config.replace(**overrides)
+
+
+def _existing(path: str, key: str) -> str:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise ConfigError(f"{key}={path!r}: no such file or directory")
+    return str(resolved)
 
 
 def load_config_dataset(config: Config) -> ReidDataset:
     """The train / query / gallery samples of `config.data` (root already resolved).
 
     Training, its evaluation and `jobs/evaluate.py` all read their data through this one call.
+    The training samples of `data.extra_train` join the training split with ids of their own
+    (`reid_platform.data.extra.merge_extra_train`).
 
     Raises:
-        DatasetError: the dataset is missing or malformed.
+        DatasetError: the dataset or an extra training source is missing or malformed.
     """
     data = config.data
-    return load_dataset(data.root, data.format, data.test_fraction)
+    dataset = load_dataset(data.root, data.format, data.test_fraction)
+    return merge_extra_train(dataset, data.extra_train)
