@@ -12,7 +12,9 @@ from that same checkpoint and runs `--rounds` rounds of pseudo-labelling the unl
 training on labelled + pseudo-labelled images for `--epochs` each (Ray Train DDP, 2 CPU workers).
 One JSON line per (method, round): mAP / rank-1 on the test split, the clustering's ARI / NMI /
 purity / cluster count, and the ratio of mAP to the labelled-only model's (the baseline,
-measured in the same run). `--oracle` also trains on all training labels (the upper bound).
+measured in the same run). `--control` also trains the labelled-only model for as many epochs
+as round 0 and all rounds together (is a gain the pseudo-labels' or the extra epochs'?);
+`--oracle` also trains on all training labels (the upper bound).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--oracle", action="store_true", help="also train on every label")
+    parser.add_argument("--control", action="store_true",
+                        help="also train labelled-only for epochs0 + rounds * epochs")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more config overrides (e.g. self_train.eps=0.5)")
     parser.add_argument("--smoke-test", action="store_true")
@@ -91,6 +95,16 @@ def main() -> None:
     print(json.dumps({"method": "labelled-only", "round": 0, "epochs": args.epochs0,
                       **baseline, "train_s": round(time.perf_counter() - start, 1),
                       **common}), flush=True)
+    if args.control:
+        start = time.perf_counter()
+        epochs = args.epochs0 + args.rounds * args.epochs
+        longer = run_training(config.replace(**{"train.epochs": epochs, "tracking.run_name":
+                                                f"{config.name}-labelled-long"}), progress=False)
+        print(json.dumps({"method": "labelled-only, same total epochs", "round": 0,
+                          "epochs": epochs, "mAP": longer.metrics["mAP"],
+                          "rank1": longer.metrics["rank1"],
+                          "train_s": round(time.perf_counter() - start, 1), **common}),
+              flush=True)
     if args.oracle:
         start = time.perf_counter()
         everything = run_training(

@@ -322,3 +322,30 @@ def test_pseudo_ids_never_collide_with_real_ones(tmp_path):
     # images of one pseudo id stay together, and apart from every other id
     by_path = {Path(s.path).name: s.pid for s in train}
     assert by_path["2.jpg"] == by_path["3.jpg"] == by_path["4.jpg"] != by_path["0.jpg"]
+
+
+def test_the_inverted_file_search_for_large_sets_gives_nearly_the_same_graph():
+    feats, pids = blobs(num_groups=80, sizes=(6, 11), noise=0.1, seed=7)  # 639 images
+    exact = dense(jaccard_graph(feats, index="flat"))
+    # 17 lists of ~40 images, 8 probed: approximate neighbours, so slightly other encodings
+    approx = dense(jaccard_graph(feats, index="ivf", nprobe=8))
+    small = exact < 0.7
+    assert small.sum() > 5000 and np.isfinite(approx[small]).mean() > 0.99
+    assert np.median(np.abs(approx[small] - exact[small])[np.isfinite(approx[small])]) < 0.05
+    # every list probed: the exact neighbours again; only the weights' normaliser (the farthest
+    # point, searched in nprobe / 8 lists) is approximate
+    every_list = dense(jaccard_graph(feats, index="ivf", nprobe=16))
+    np.testing.assert_allclose(every_list[small], exact[small], atol=5e-3)
+    for index in ("flat", "ivf"):
+        labels = cluster_features(feats, "dbscan", index=index).labels
+        assert score_clustering(labels, pids)["ari_all"] > 0.95
+
+
+def test_self_training_names_the_config_keys_in_clustering_errors():
+    from reid_platform.pseudo.rounds import as_config_keys
+
+    message = ("DBSCAN found 0 clusters at eps=0.6, min_samples=4 (9 images); try --eps 0.9, "
+               "--min-samples 2 or --method kmeans")
+    assert as_config_keys(message) == (
+        "DBSCAN found 0 clusters at eps=0.6, min_samples=4 (9 images); try --set "
+        "self_train.eps=0.9, --set self_train.min_samples=2 or --set self_train.method=kmeans")

@@ -366,8 +366,8 @@ def _check_usable(result: Clustering, num: int) -> None:
             hint = f"try --threshold {t * 1.5:.2g} or --method kmeans"
         raise ClusteringError(f"link found {clusters} at threshold={t:.3g} ({counts}); {hint}")
     raise ClusteringError(
-        f"k-means found {clusters} with --clusters {p['clusters']} ({counts}); try more "
-        "--clusters or a smaller --min-cluster-size"
+        f"k-means found {clusters} at clusters={p['clusters']} ({counts}); try --clusters "
+        f"{2 * p['clusters']}"
     )
 
 

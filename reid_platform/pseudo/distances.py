@@ -82,8 +82,10 @@ def _search_index(points: np.ndarray, index: str, nprobe: int, seed: int = 0):
         nlist = max(1, min(int(4 * math.sqrt(num)), num // 39))  # FAISS wants 39 per list
         quantizer = faiss.IndexFlatIP(dim)
         search = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        # 64 points per list train the coarse centroids well (FAISS asks for 39 at least);
+        # all of a million would make training the slowest step.
         rng = np.random.default_rng(seed)
-        sample = points[np.sort(rng.choice(num, size=min(num, 256 * nlist), replace=False))]
+        sample = points[np.sort(rng.choice(num, size=min(num, 64 * nlist), replace=False))]
         search.train(sample)
         search.nprobe = max(1, min(nprobe, nlist))
     if _faiss_has_gpu():
@@ -124,6 +126,9 @@ def nearest_neighbours(
     neighbours = _exact_nearest(points, candidates, k, "cosine")
     farthest = None
     if row_max:
+        if hasattr(search, "nprobe"):
+            # Only a normaliser of the weights: a few lists find a point nearly as far.
+            search.nprobe = max(1, search.nprobe // 8)
         similarity, _ = search.search(-points, 1)  # max <-x, y> = -min cos(x, y)
         farthest = _safe_max(np.square(1.0 + similarity[:, 0]).astype(np.float32))
     return neighbours, farthest
@@ -135,14 +140,20 @@ def _candidate_pairs(
     """Unique unordered pairs (i < j): each point and its first `knn` other neighbours, and
     (with `support`) each point and every column of its row."""
     num = len(neighbours)
-    cols = neighbours[:, : knn + 1].ravel()  # itself (usually first) + knn others
-    rows = np.repeat(np.arange(num), min(knn + 1, neighbours.shape[1]))
-    if support is not None:
-        rows = np.concatenate([rows, np.repeat(np.arange(num), np.diff(support.indptr))])
-        cols = np.concatenate([cols, support.indices])
-    a, b = np.minimum(rows, cols), np.maximum(rows, cols)
-    keep = a != b
-    key = np.unique(a[keep].astype(np.int64) * num + b[keep])  # sorted: deterministic graph
+    nearest = neighbours[:, : knn + 1]  # itself (usually first) + knn others
+    keys = []
+    for start in range(0, num, 65536):  # pair keys a * N + b, built in chunks of rows
+        stop = min(start + 65536, num)
+        cols = [nearest[start:stop].ravel()]
+        rows = [np.repeat(np.arange(start, stop), nearest.shape[1])]
+        if support is not None:
+            lo, hi = support.indptr[start], support.indptr[stop]
+            cols.append(support.indices[lo:hi])
+            rows.append(np.repeat(np.arange(start, stop), np.diff(support.indptr[start:stop + 1])))
+        rows, cols = np.concatenate(rows), np.concatenate(cols).astype(np.int64)
+        key = np.minimum(rows, cols) * num + np.maximum(rows, cols)
+        keys.append(np.unique(key[rows != cols]))
+    key = np.unique(np.concatenate(keys))  # sorted: the graph is deterministic
     return key // num, key % num
 
 
@@ -243,7 +254,8 @@ def jaccard_graph(
     index: str = "auto",
     nprobe: int = 32,
 ) -> sp.csr_matrix:
-    """k-reciprocal Jaccard distances of every image and its `knn` nearest neighbours.
+    """k-reciprocal Jaccard distances of every image with its `knn` nearest neighbours and
+    with the members of its k-reciprocal encoding.
 
     Equals `rerank_features(q, g, k1, k2, lambda_value=0)` on the same N points split into
     q = points[:n], g = points[n:], at every stored (query, gallery) pair.

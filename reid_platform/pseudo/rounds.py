@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from reid_platform.data.formats import DatasetError
 from reid_platform.data.root import load_config_dataset, resolve_data_root
 from reid_platform.models import build_model
 from reid_platform.pseudo import pictures
+from reid_platform.pseudo.clustering import ClusteringError
 from reid_platform.pseudo.labels import embed_samples, pseudo_label, unlabelled_samples
 from reid_platform.runtime import init_ray
 from reid_platform.tracking import RunLogger, ensure_experiment, resolve_tracking_uri, start_run
@@ -248,13 +250,16 @@ def run_self_training(
 
         for round_ in range(1, st.rounds + 1):
             round_dir = out_dir / f"round-{round_}"
-            labelled = pseudo_label(
-                latest, config.data.unlabelled, round_dir, method=st.method,
-                distance=st.distance, batch_size=st.batch_size, progress=progress,
-                k1=st.k1, k2=st.k2, knn=st.knn, eps=st.eps, eps_pairs=st.eps_pairs,
-                min_samples=st.min_samples, threshold=st.threshold, clusters=st.clusters,
-                min_cluster_size=st.min_cluster_size, seed=config.train.seed + round_,
-            )
+            try:
+                labelled = pseudo_label(
+                    latest, config.data.unlabelled, round_dir, method=st.method,
+                    distance=st.distance, batch_size=st.batch_size, progress=progress,
+                    k1=st.k1, k2=st.k2, knn=st.knn, eps=st.eps, eps_pairs=st.eps_pairs,
+                    min_samples=st.min_samples, threshold=st.threshold, clusters=st.clusters,
+                    min_cluster_size=st.min_cluster_size, seed=config.train.seed + round_,
+                )
+            except ClusteringError as err:
+                raise ClusteringError(f"round {round_}: {as_config_keys(str(err))}") from None
             backbone = export_backbone(latest, round_dir / "backbone.pth", config)
             round_config = config.replace(**{
                 "data.extra_train": [*config.data.extra_train, str(labelled.csv)],
@@ -285,6 +290,14 @@ def run_self_training(
                        f"{'cosine' if st.method == 'kmeans' else st.distance})")
         parent.set_tags({"final_checkpoint": str(latest), "rounds": str(st.rounds)})
     return SelfTrainResult(parent_id, uri, Path(latest), rows, out_dir)
+
+
+def as_config_keys(message: str) -> str:
+    """A pseudo-label message's flags as the `self_train.*` keys of the same settings
+    ("try --eps 0.4 or --method kmeans" -> "try --set self_train.eps=0.4 or ...")."""
+    return re.sub(r"--([a-z][a-z-]*) (\S+?)([,;)]?)(?=\s|$)",
+                  lambda m: f"--set self_train.{m.group(1).replace('-', '_')}={m.group(2)}"
+                            f"{m.group(3)}", message)
 
 
 def _log_round(parent: RunLogger, row: dict[str, Any]) -> None:
