@@ -9,9 +9,9 @@ random direction on the sphere, its images that direction plus Gaussian noise (`
 norm of the noise vector), L2-normalised. Each configuration runs in a fresh process, so its
 peak RSS above the loaded features is its own:
 
-- `jaccard` / `cosine`: building the sparse distance graph (FAISS neighbours, exact up to 100k
-  images, IVF above), then `dbscan` (eps from the data) and `link` (threshold 0.5 on Jaccard,
-  0.3 on cosine) on that graph;
+- `jaccard` / `cosine`: building the sparse distance graph (FAISS neighbours, exact up to 50k
+  images, IVF above, or as `--index` says), then `dbscan` (eps from the data) and `link`
+  (threshold 0.5 on Jaccard, 0.3 on cosine) on that graph;
 - `kmeans`: FAISS spherical k-means with greedy k-means++ seeds into `size / 10` clusters.
 
 The baseline, measured in the same run at `--baseline-size` (default 10k): the dense path, i.e.
@@ -96,9 +96,13 @@ def _run(job: dict, queue) -> None:
         record("kmeans", "cosine", 0.0, time.perf_counter() - start, labels, {})
     elif job["kind"] in ("jaccard", "cosine"):
         start = time.perf_counter()
-        graph = distance_graph(feats, job["kind"])
+        graph = distance_graph(feats, job["kind"], index=job["index"])
         graph_s = time.perf_counter() - start
-        extra = {"pairs_per_image": round(graph.nnz / len(feats), 1)}
+        from reid_platform.pseudo.distances import EXACT_MAX
+
+        used = job["index"] if job["index"] != "auto" else (
+            "flat" if len(feats) <= EXACT_MAX else "ivf")
+        extra = {"pairs_per_image": round(graph.nnz / len(feats), 1), "index": used}
         start = time.perf_counter()
         eps = auto_eps(graph)
         labels = dbscan(graph, eps, 4)
@@ -154,16 +158,19 @@ def main() -> None:
                         help="norm of the per-image noise around its identity's direction")
     parser.add_argument("--kinds", nargs="+", default=["jaccard", "cosine", "kmeans"],
                         choices=["jaccard", "cosine", "kmeans"])
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"],
+                        help="neighbour search of the graphs (auto: exact up to 50k images)")
     parser.add_argument("--baseline-size", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
         args.sizes, args.baseline_size, args.dim = [2000], 1000, 32
 
     baseline: dict[str, dict] = {}
-    for kind in ("dense_jaccard", "dense_cosine"):
+    for kind in ("dense_jaccard", "dense_cosine") if not args.no_baseline else ():
         result = run_isolated({"kind": kind, "size": args.baseline_size, "dim": args.dim,
                                "noise": args.noise, "threads": args.threads}, args.timeout)
         if result:
@@ -174,7 +181,7 @@ def main() -> None:
     for size in args.sizes:
         for kind in args.kinds:
             job = {"kind": kind, "size": size, "dim": args.dim, "noise": args.noise,
-                   "threads": args.threads}
+                   "threads": args.threads, "index": args.index}
             rows = run_isolated(job, args.timeout)
             if rows is None:
                 print(json.dumps({"n": size, "kind": kind, "error": "did not finish (timeout "

@@ -53,7 +53,7 @@ def add_clustering_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cluster-size", type=int, default=2,
                        help="smaller clusters are outliers (default 2)")
     group.add_argument("--index", choices=INDEXES, default="auto",
-                       help="neighbour search: flat (exact), ivf, or auto (ivf above 100k)")
+                       help="neighbour search: flat (exact), ivf, or auto (ivf above 50k images)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -349,6 +349,7 @@ def write_outputs(
     members, pids, chosen = _picture_members(samples, labels)
     pics["samples"] = pictures.plot_cluster_samples(
         members, out / PICTURES["samples"], pids if scores else None,
+        row_labels=[f"id {c}\n{sizes[c]} img" for c in chosen],
         title=f"{title}: clusters {chosen[0] if chosen else '-'}..{chosen[-1] if chosen else '-'}"
               " (0 = largest)",
     )

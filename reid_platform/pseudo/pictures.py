@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from reid_platform.data.dataset import ImageDecodeError, read_image  # noqa: E402
@@ -32,7 +33,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 def plot_cluster_sizes(sizes: np.ndarray, num_outliers: int, path: str | Path,
                        title: str = "") -> Path:
-    """Histogram of images per cluster (log-scaled counts), outliers in the title.
+    """Histogram of images per cluster (log-spaced bins), outliers in the title.
 
     Args:
         sizes: (C,) images per cluster.
@@ -44,7 +45,8 @@ def plot_cluster_sizes(sizes: np.ndarray, num_outliers: int, path: str | Path,
         edges = np.unique(np.round(np.geomspace(1, sizes.max() + 1, 30)).astype(int))
         ax.hist(sizes, bins=edges if len(edges) > 1 else 1, color="#4477aa", edgecolor="white")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("images per cluster")
     ax.set_ylabel("clusters")
     median = float(np.median(sizes)) if len(sizes) else 0.0
@@ -73,6 +75,7 @@ def plot_cluster_samples(
     members: Sequence[Sequence[Sample]],
     path: str | Path,
     true_pids: Sequence[Sequence[int]] | None = None,
+    row_labels: Sequence[str] | None = None,
     per_row: int = 10,
     title: str = "",
 ) -> Path:
@@ -84,10 +87,12 @@ def plot_cluster_samples(
     Args:
         members: per cluster drawn, its samples.
         true_pids: per cluster, the true pid of each sample (-1 = unknown), or None.
+        row_labels: text left of each row (e.g. the pseudo id and the cluster's size).
     """
     cell_w, cell_h = TILE[0] + 2 * FRAME + 4, TILE[1] + 2 * FRAME + 4
     rows = max(1, len(members))
-    canvas = np.full((rows * cell_h, per_row * cell_w, 3), 255, dtype=np.uint8)
+    margin = 60 if row_labels else 0
+    canvas = np.full((rows * cell_h, margin + per_row * cell_w, 3), 255, dtype=np.uint8)
     for r, samples in enumerate(members):
         pids = np.asarray(true_pids[r]) if true_pids is not None else None
         majority = None
@@ -100,12 +105,14 @@ def plot_cluster_samples(
             else:
                 frame = MAJORITY if pids[c] == majority else OTHER
             tile = _tile(sample, frame)
-            top, left = r * cell_h + 2, c * cell_w + 2
+            top, left = r * cell_h + 2, margin + c * cell_w + 2
             canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
     dpi = 100
     fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi + 0.4), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, canvas.shape[0] / (canvas.shape[0] + 40)))
     ax.imshow(canvas, interpolation="nearest")
+    for r, text in enumerate(row_labels or []):
+        ax.text(margin - 6, r * cell_h + cell_h / 2, text, ha="right", va="center", fontsize=7)
     ax.set_axis_off()
     legend = ("green: the cluster's most common true identity, red: another"
               if true_pids is not None else "one row per cluster")

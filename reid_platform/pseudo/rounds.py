@@ -152,12 +152,16 @@ def evaluate_checkpoint(checkpoint: Path, config: Config, batch_size: int) -> di
     from reid_platform.evaluation.metrics import compute_distmat, evaluate_rank
 
     dataset = load_config_dataset(config)
-    query = embed_samples(dataset.query, checkpoint, batch_size, progress=False)
-    gallery = embed_samples(dataset.gallery, checkpoint, batch_size, progress=False)
+    # One pass of the actor pool over both splits; the prefix keeps their ids apart.
+    samples = [dataclasses.replace(x, item_id=f"{x.split}:{x.item_id}")
+               for x in (*dataset.query, *dataset.gallery)]
+    embedded = embed_samples(samples, checkpoint, batch_size, progress=False)
+    is_query = np.array([x.split == "query" for x in embedded.samples])
+    pids = np.array([x.pid for x in embedded.samples])
+    camids = np.array([x.camid for x in embedded.samples])
     result = evaluate_rank(
-        compute_distmat(query.features, gallery.features, "cosine"),
-        np.array([s.pid for s in query.samples]), np.array([s.pid for s in gallery.samples]),
-        np.array([s.camid for s in query.samples]), np.array([s.camid for s in gallery.samples]),
+        compute_distmat(embedded.features[is_query], embedded.features[~is_query], "cosine"),
+        pids[is_query], pids[~is_query], camids[is_query], camids[~is_query],
     )
     return result.as_metrics()
 
@@ -249,47 +253,57 @@ def run_self_training(
         print(_round_line(rows[-1]), flush=True)
 
         for round_ in range(1, st.rounds + 1):
-            round_dir = out_dir / f"round-{round_}"
-            try:
-                labelled = pseudo_label(
-                    latest, config.data.unlabelled, round_dir, method=st.method,
-                    distance=st.distance, batch_size=st.batch_size, progress=progress,
-                    k1=st.k1, k2=st.k2, knn=st.knn, eps=st.eps, eps_pairs=st.eps_pairs,
-                    min_samples=st.min_samples, threshold=st.threshold, clusters=st.clusters,
-                    min_cluster_size=st.min_cluster_size, seed=config.train.seed + round_,
-                )
-            except ClusteringError as err:
-                raise ClusteringError(f"round {round_}: {as_config_keys(str(err))}") from None
-            backbone = export_backbone(latest, round_dir / "backbone.pth", config)
-            round_config = config.replace(**{
-                "data.extra_train": [*config.data.extra_train, str(labelled.csv)],
-                "model.pretrained": str(backbone),
-                "train.epochs": epochs,
-                "train.resume_from": "",
-                "tracking.run_name": f"{parent_name}-round-{round_}",
-            })
-            latest, metrics, run_id = _train_round(round_config, uri, parent_id, round_, progress)
-            report = labelled.report
-            child = RunLogger(uri, run_id)
-            child.log_metrics({f"pseudo_{k}": v for k, v in report.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
-            child.log_artifact(round_dir / "report.json", "pseudo_labels")
-            for path in report["pictures"].values():
-                child.log_artifact(path, "pseudo_labels")
-            rows.append({
-                "round": round_, "run_id": run_id, "checkpoint": str(latest),
-                **_eval_metrics(metrics),
-                **{k: report[k] for k in CURVE_KEYS if k in report},
-                "eps": report.get("eps"), "threshold": report.get("threshold"),
-                "pseudo_labels": str(labelled.csv),
-            })
-            _log_round(parent, rows[-1])
-            print(_round_line(rows[-1]), flush=True)
+            row = _self_train_round(config, latest, out_dir / f"round-{round_}", round_, epochs,
+                                    uri, parent_id, parent_name, progress)
+            latest = Path(row["checkpoint"])
+            rows.append(row)
+            _log_round(parent, row)
+            print(_round_line(row), flush=True)
 
         _write_summary(out_dir, rows, parent, f"{parent_name} ({st.method} on "
                        f"{'cosine' if st.method == 'kmeans' else st.distance})")
         parent.set_tags({"final_checkpoint": str(latest), "rounds": str(st.rounds)})
     return SelfTrainResult(parent_id, uri, Path(latest), rows, out_dir)
+
+
+def _self_train_round(config: Config, latest: Path, round_dir: Path, round_: int, epochs: int,
+                      uri: str, parent_id: str, parent_name: str,
+                      progress: bool) -> dict[str, Any]:
+    """Pseudo-label with `latest`, train on labelled + pseudo-labelled; the round's row."""
+    st = config.self_train
+    try:
+        labelled = pseudo_label(
+            latest, config.data.unlabelled, round_dir, method=st.method, distance=st.distance,
+            batch_size=st.batch_size, progress=progress, k1=st.k1, k2=st.k2, knn=st.knn,
+            eps=st.eps, eps_pairs=st.eps_pairs, min_samples=st.min_samples,
+            threshold=st.threshold, clusters=st.clusters, min_cluster_size=st.min_cluster_size,
+            seed=config.train.seed + round_,
+        )
+    except ClusteringError as err:
+        raise ClusteringError(f"round {round_}: {as_config_keys(str(err))}") from None
+    backbone = export_backbone(latest, round_dir / "backbone.pth", config)
+    round_config = config.replace(**{
+        "data.extra_train": [*config.data.extra_train, str(labelled.csv)],
+        "model.pretrained": str(backbone),
+        "train.epochs": epochs,
+        "train.resume_from": "",
+        "tracking.run_name": f"{parent_name}-round-{round_}",
+    })
+    checkpoint, metrics, run_id = _train_round(round_config, uri, parent_id, round_, progress)
+    report = labelled.report
+    child = RunLogger(uri, run_id)
+    child.log_metrics({f"pseudo_{k}": v for k, v in report.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+    child.log_artifact(round_dir / "report.json", "pseudo_labels")
+    for path in report["pictures"].values():
+        child.log_artifact(path, "pseudo_labels")
+    return {
+        "round": round_, "run_id": run_id, "checkpoint": str(checkpoint),
+        **_eval_metrics(metrics),
+        **{k: report[k] for k in CURVE_KEYS if k in report},
+        "eps": report.get("eps"), "threshold": report.get("threshold"),
+        "pseudo_labels": str(labelled.csv),
+    }
 
 
 def as_config_keys(message: str) -> str:
