@@ -91,3 +91,16 @@ def test_extra_train_errors_name_the_source(tmp_path):
     # a source's query/gallery rows are allowed and ignored; a main manifest still needs all
     with pytest.raises(DatasetError, match="no rows with split=query"):
         load_csv(pseudo_manifest(tmp_path / "p.csv", [0]))
+
+
+def test_a_market_tree_or_a_folder_with_a_manifest_is_a_source(tmp_path, tiny_market):
+    dataset = load_csv(labelled_manifest(tmp_path))
+    folder = tmp_path / "pseudo"
+    pseudo_manifest(folder / "pseudo_labels.csv", [0, 1])
+    merged = merge_extra_train(dataset, [tiny_market, folder])
+    market = [s for s in merged.train if s.meta.get("train_source") == str(tiny_market)]
+    assert len({s.pid for s in market}) == 12 and min(s.pid for s in market) == 6
+    assert {s.pid for s in merged.train if s.meta.get("train_source") == str(folder)} == {18, 19}
+    (tmp_path / "people" / "alice").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"people is neither a CSV manifest"):
+        merge_extra_train(dataset, [tmp_path / "people"])

@@ -1,7 +1,7 @@
 """More training sources: `data.extra_train` merged into a dataset's training split.
 
 Each source is a CSV manifest (its `split=train` rows, e.g. the `pseudo_labels.csv` written by
-`jobs/pseudo_label.py`) or a dataset tree in any format the platform reads (its training split).
+`jobs/pseudo_label.py`), a folder holding one, or a Market-1501 tree (its training split).
 The identities of every source are moved past all identities already in the training split, so
 pseudo id 3 never merges with labelled id 3; `balance` then relabels the union 0..N-1 as usual.
 Query and gallery stay those of the main dataset.
@@ -13,15 +13,22 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from reid_platform.data.formats import DatasetError, ReidDataset, Sample, load_csv, load_dataset
+from reid_platform.data.formats import (
+    DatasetError,
+    ReidDataset,
+    Sample,
+    detect_format,
+    load_csv,
+    load_market1501,
+)
 
 
 def read_train_source(path: str | Path) -> list[Sample]:
     """The training samples of one extra source.
 
     Args:
-        path: a CSV manifest (only its train rows are read; query/gallery rows may be absent)
-            or a dataset root (Market-1501 tree, folder per identity, folder with one CSV).
+        path: a CSV manifest (only its train rows are read; query/gallery rows may be absent),
+            a folder holding one, or a Market-1501 tree.
 
     Raises:
         DatasetError: the source is missing, malformed or has no training rows.
@@ -36,7 +43,15 @@ def read_train_source(path: str | Path) -> list[Sample]:
                 "(expected path,pid,camid,split rows, e.g. a pseudo_labels.csv)"
             )
         return load_csv(path, required_splits=("train",)).train
-    return load_dataset(path).train
+    fmt = detect_format(path)
+    if fmt == "csv":
+        return load_csv(path, required_splits=("train",)).train
+    if fmt == "market1501":
+        return load_market1501(path).train
+    raise DatasetError(
+        f"data.extra_train: {path} is neither a CSV manifest, a folder with one, nor a "
+        "Market-1501 tree; list its images in a manifest (path,pid,camid,split=train)"
+    )
 
 
 def merge_extra_train(dataset: ReidDataset, sources: Sequence[str | Path]) -> ReidDataset:
