@@ -90,6 +90,10 @@ class DataConfig:
     loader_workers: int = 2
     cache: Literal["none", "ram"] = "none"  # ram: decode + resize each train image once
     eval_batch_size: int = 128
+    # More training sources: CSV manifests (e.g. pseudo-label files) or dataset trees whose
+    # training rows join the training split, their ids kept apart from the others.
+    extra_train: tuple[str, ...] = ()
+    unlabelled: str = ""  # images without labels, for jobs/self_train.py
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -268,6 +272,27 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class SelfTrainConfig:
+    """Self-training rounds on `data.unlabelled`; see `reid_platform.pseudo`."""
+
+    rounds: int = 3  # pseudo-labelling rounds after round 0
+    epochs: int = 0  # training epochs per round; 0 = train.epochs
+    method: Literal["dbscan", "kmeans", "link"] = "dbscan"
+    distance: Literal["jaccard", "cosine"] = "jaccard"  # dbscan / link; kmeans uses features
+    k1: int = 20  # k-reciprocal neighbourhood of the Jaccard distance (SpCL: 30)
+    k2: int = 6  # local query expansion of the Jaccard distance
+    knn: int = 0  # candidate pairs per image in the sparse distance graph; 0 = k1
+    eps: float = 0.0  # DBSCAN radius; 0 = from the data (eps_pairs)
+    eps_pairs: float = 6.0  # auto eps: mean of the N * eps_pairs smallest pair distances
+    min_samples: int = 4  # DBSCAN: neighbours (itself included) that make a core image
+    threshold: float = 0.5  # link: nearest neighbour kept when its distance is below this
+    clusters: int = 0  # kmeans: number of pseudo identities (required for kmeans)
+    min_cluster_size: int = 2  # smaller clusters are outliers (dropped)
+    batch_size: int = 64  # images per forward pass when embedding
+    out: str = ""  # round outputs; empty = <workspace>/self_train/<name>-<time>
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a job needs; `name` names the MLflow experiment and the output folders."""
 
@@ -279,6 +304,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
 
     # ---- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
