@@ -1111,8 +1111,8 @@ def start_http(host: str, port: int) -> None:
     from ray.serve.exceptions import RayServeException
 
     try:
-        client = _get_global_client(_health_check_controller=True)
-    except RayServeException:
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except RayServeException:  # a controller that is gone
         client = None
     if client is not None:
         running = client.http_config
