@@ -411,9 +411,16 @@ class IndexShard:
                 start += q
         return out
 
-    def add(self, ids: list[str], vectors: np.ndarray, metadata: list[dict[str, Any]]) -> int:
-        """Upsert items; returns once they are on disk."""
-        self.shard.add(ids, vectors, metadata)
+    def add(
+        self,
+        ids: list[str],
+        vectors: np.ndarray,
+        metadata: list[dict[str, Any]],
+        views: dict[str, np.ndarray] | None = None,
+    ) -> int:
+        """Upsert items (with their extra views, an augmented index); returns once they are
+        on disk."""
+        self.shard.add(ids, vectors, metadata, views)
         self._maybe_snapshot(len(ids))
         return len(ids)
 
@@ -903,6 +910,10 @@ class RetrievalIngress:
             ]
         )
         vectors = await asyncio.gather(*[self.embedder.embed.remote(a) for a in arrays])
+        flipped = None
+        if self.index.get("augment") == "flip":  # the index holds every item's mirror view too
+            mirrors = [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
+            flipped = await self.embedder.embed_many.remote(mirrors)  # (N, D)
         groups: dict[int, list[int]] = {}
         for row, item_id in enumerate(ids):
             groups.setdefault(shard_of(item_id, len(self.shards)), []).append(row)
@@ -912,6 +923,7 @@ class RetrievalIngress:
                     [ids[r] for r in rows],
                     np.stack([vectors[r] for r in rows]),
                     [metadata[r] for r in rows],
+                    None if flipped is None else {"flip": flipped[rows]},
                 )
                 for s, rows in groups.items()
             ],
@@ -1408,6 +1420,7 @@ def build_app(args: RetrievalArgs) -> Application:
             "metric": manifest["metric"],
             "dim": manifest["dim"],
             "num_shards": num_shards,
+            "augment": manifest.get("extra", {}).get("augment", "none"),
         },
         "max_k": args.max_k,
         "max_images": args.max_images,

@@ -844,6 +844,52 @@ def test_bad_boxes_images_and_label_keys_are_json_4xx(clients, query_images):
     assert len(search(client, image, 3)) == 3
 
 
+def test_augmented_index_serves_each_item_once_and_writes_both_views(
+    clients, serve_port, index_dirs, gallery, checkpoint, tiny_market, query_images, tmp_path
+):
+    """An index built with both views of every item (as `build_index --augment flip`): each
+    item comes back once with its best view's score; POST /v1/gallery adds both views (the
+    mirrored image finds the new item at score 1) and DELETE removes both."""
+    from ray import serve
+
+    from reid_platform.retrieval import ShardedIndex
+    from reid_platform.retrieval.embedders import make_embedder
+
+    embedder = make_embedder("torch", checkpoint, "cpu")
+    images = [decoded(Path(m["path"]).read_bytes()) for m in gallery.metadata]
+    mirrored = embedder.embed([np.ascontiguousarray(image[:, ::-1]) for image in images])
+    extra = {"checkpoint": str(checkpoint), "gallery": str(tiny_market), "augment": "flip"}
+    with ShardedIndex.create(tmp_path / "aug", mirrored.shape[1], 2, extra=extra) as index:
+        index.add(gallery.ids, gallery.vectors, gallery.metadata, views={"flip": mirrored})
+        index.save()
+    deploy({**all_args(index_dirs), "a1": app_args(tmp_path / "aug", "a1")})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/reid-test-a1", timeout=60.0)
+    try:
+        n = len(gallery.ids)
+        assert client.get("/v1/stats").json()["count"] == n
+        for image in query_images[:2]:
+            query = embed(client, image)
+            best = np.maximum(gallery.vectors @ query, mirrored @ query)  # (N,)
+            order = np.argsort(-best, kind="stable")
+            results = search(client, image, MAX_K)  # MAX_K > N: every item, once
+            assert sorted(r["id"] for r in results) == sorted(gallery.ids)
+            assert_same_ranking(results, [gallery.ids[j] for j in order], best[order])
+        new = query_images[2]
+        mirror = png(np.ascontiguousarray(decoded(new)[:, ::-1]))
+        assert float(embed(client, new) @ embed(client, mirror)) < 0.9999
+        added = client.post("/v1/gallery", files={"image": new}, data={"id": "aug/new.jpg"})
+        assert added.status_code == 200, added.text
+        assert client.get("/v1/stats").json()["count"] == n + 1
+        top = search(client, mirror, 1)[0]  # found through the new item's flip view
+        assert top["id"] == "aug/new.jpg" and top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert client.delete("/v1/gallery/aug/new.jpg").status_code == 200
+        results = search(client, mirror, MAX_K)
+        assert len(results) == n and "aug/new.jpg" not in {r["id"] for r in results}
+    finally:
+        client.close()
+        serve.delete("reid-test-a1")
+
+
 def test_concurrent_searches_are_coalesced_and_equal_one_by_one(clients, query_images):
     client = clients["s3"]
     requests = [
