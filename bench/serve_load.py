@@ -24,6 +24,8 @@ Prints one JSON line. Per mode ("batched", "no_shard_coalescing", "unbatched"):
   hops_ms       mean ms per request of each step in the ingress (parse, decode, embed, search,
                 merge, total) and "proxy_and_client" = client latency - ingress total
 and half_load (qps asked and got, p50/p99 at half the batched QPS, p99 / single-image forward),
+scene_boxes (batched app, one client: p50 latency of a scene image with `--boxes` boxes, every
+box cropped and searched in one request, against one crop's request, and their ratio),
 raw_model_ips (images/s of model.embed, Embedder threads), raw_model_ips_all_cores,
 single_image_ms, and fractions: *_fraction_of_raw (qps / raw_model_ips) and
 batched_fraction_of_machine (qps / raw_model_ips_all_cores).
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -66,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
     parser.add_argument("--requests", type=int, default=600, help="measured requests per mode")
     parser.add_argument("--warmup", type=int, default=40, help="unmeasured requests per mode")
+    parser.add_argument("--boxes", type=int, default=8, help="boxes of the scene request")
+    parser.add_argument(
+        "--scene-requests", type=int, default=40, help="sequential scene and crop requests each"
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument(
@@ -80,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke_test:
         args.backbone, args.height, args.width = "test_resnet", 64, 32
         args.gallery_size, args.clients, args.requests, args.warmup = 500, 8, 48, 8
+        args.scene_requests = 6
     if args.embedder_cpus is None:
         from serve_apps.retrieval import plan_cpus
 
@@ -223,6 +231,51 @@ async def drive_rate(
     return latencies, errors, wall
 
 
+def scene_vs_crop(base_url: str, args: argparse.Namespace) -> dict:
+    """p50 latency (one client, back to back) of a scene with `args.boxes` boxes of the model's
+    input size against one crop of that size, alternating, on the running app."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    h, w = args.height, args.width
+    columns = math.ceil(args.boxes / 2)
+    scene = rng.integers(0, 256, (2 * h, columns * w, 3), dtype=np.uint8)
+    boxes = [[(n % columns) * w, (n // columns) * h, w, h] for n in range(args.boxes)]
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    scene_jpeg, crop_jpeg = jpeg(scene), jpeg(scene[:h, :w])
+    latencies: dict[str, list[float]] = {"scene": [], "crop": []}
+    errors = 0
+    with httpx.Client(base_url=base_url, timeout=120.0) as client:
+        for n in range(args.scene_requests + 2):  # the first of each is warm-up
+            for kind in ("crop", "scene"):
+                data = {"k": str(args.k)}
+                if kind == "scene":
+                    data["boxes"] = json.dumps(boxes)
+                image = scene_jpeg if kind == "scene" else crop_jpeg
+                start = time.perf_counter()
+                response = client.post("/v1/search", files={"image": image}, data=data)
+                if n >= 2:
+                    latencies[kind].append(time.perf_counter() - start)
+                ok = response.status_code == 200 and (
+                    kind == "crop" or len(response.json()["queries"]) == args.boxes
+                )
+                errors += not ok
+    crop, scene_ms = (float(np.median(latencies[k])) * 1000 for k in ("crop", "scene"))
+    return {
+        "boxes": args.boxes,
+        "requests": args.scene_requests,
+        "crop_p50_ms": round(crop, 2),
+        "scene_p50_ms": round(scene_ms, 2),
+        "scene_vs_crop": round(scene_ms / crop, 2),
+        "errors": errors,
+    }
+
+
 def service_stats(client: httpx.Client) -> dict:
     """Embedder and shard batch counts and the ingress's hop totals (ms), cumulative."""
     stats = client.get("/v1/stats").json()
@@ -346,6 +399,8 @@ def main() -> None:
                         **{k: half[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
                         "p99_vs_single_image": round(half["p99_ms"] / single_ms, 2),
                     }
+                    if args.endpoint == "search":
+                        results["scene_boxes"] = scene_vs_crop(base_url, args)
         finally:
             serve.delete(APP)
     if started_ray:

@@ -3,6 +3,7 @@
     python jobs/build_index.py --checkpoint CKPT --gallery /data/Market-1501 --shards 4 \\
         --index-type Flat --out ~/reid-platform/index
     python jobs/build_index.py ... --index-type IVF1024,PQ32     # any FAISS factory string
+    python jobs/build_index.py ... --augment flip    # also index each image's mirror view
     python jobs/build_index.py --smoke-test                       # tiny model + synthetic data
 
 The gallery is any dataset the platform reads (a Market-1501 tree or CSV manifest: its gallery
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="flip: average each image's embedding with its mirror image's (the service and "
         "jobs/search.py then embed queries the same way)",
     )
+    parser.add_argument(
+        "--augment",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: also index each gallery image's mirror image as a second view of the item "
+        "(results stay one hit per item, its best view; the service's gallery writes add both)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--smoke-test",
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 num_gpus=args.num_gpus,
                 progress=not args.no_progress,
                 tta=args.tta,
+                augment=args.augment,
             )
         except IndexBuildError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@
     python jobs/evaluate.py --checkpoint CKPT --set data.root=/data/market data.format=market1501
     python jobs/evaluate.py --checkpoint CKPT --run-id MLFLOW_RUN   # log into the training run
     python jobs/evaluate.py --checkpoint CKPT --activation-maps 8   # where the model looks
+    python jobs/evaluate.py --checkpoint CKPT --tta flip            # mean with mirror images
     python jobs/evaluate.py --smoke-test                            # tiny model + tiny data
 
 The dataset is the first checkpoint's own (`data.*` of its config) unless `--config` (its
@@ -69,6 +70,13 @@ def parse_args() -> argparse.Namespace:
         choices=("tsne", "pca"),
         default="tsne",
         help="2-D projection of the embedding picture",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: average every query and gallery embedding with its mirror image's (as the "
+        "service's tta: flip)",
     )
     parser.add_argument(
         "--activation-maps",
@@ -152,6 +160,7 @@ def main() -> None:
         max_gallery=SMOKE_MAX_GALLERY if smoke_subset else 0,
         activation_map_count=args.activation_maps,
         say=print,
+        tta=args.tta,
     )
     report = outcome.report
     queries = report["queries"]

@@ -69,6 +69,9 @@ TOKEN_ENV = "REID_SERVE_TOKEN"
 DEFAULT_K = 10
 SNAPSHOT_EVERY = 1000  # items written between FAISS snapshots of a shard (the db is the truth)
 MAX_ID_LENGTH = 1024
+MAX_LABEL_KEY_LENGTH = 256
+DEFAULT_MAX_IMAGES = 32  # images per /v1/search request
+DEFAULT_MAX_BOXES = 128  # boxes per /v1/search request
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_S = 0.005
 HEALTH_TIMEOUT_S = 3.0  # a deployment that does not answer /healthz's ping in this is "not ready"
@@ -109,6 +112,12 @@ class RetrievalArgs(BaseModel):
         4096 * 4096, ge=1, description="images declaring more pixels (w x h) get 400"
     )
     max_k: int = Field(100, ge=1, description="largest k a search may ask for")
+    max_images: int = Field(
+        DEFAULT_MAX_IMAGES, ge=1, description="images one /v1/search may send (more get 422)"
+    )
+    max_boxes: int = Field(
+        DEFAULT_MAX_BOXES, ge=1, description="boxes one /v1/search may send (more get 422)"
+    )
     auth_token: str = Field(
         default_factory=lambda: os.environ.get(TOKEN_ENV, ""),
         repr=False,
@@ -301,6 +310,15 @@ class Embedder:
     async def embed(self, image: np.ndarray) -> np.ndarray:
         return await self.embed_batch(image)
 
+    async def embed_many(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, D) embeddings of B images sent in one call (a request's images or crops).
+
+        They join `embed_batch` together, so they run as one batch (with whatever other
+        requests are waiting), `max_batch_size` at a time.
+        """
+        vectors = await asyncio.gather(*[self.embed_batch(image) for image in images])
+        return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
+
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def embed_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.batch_sizes[len(images)] += 1
@@ -393,9 +411,16 @@ class IndexShard:
                 start += q
         return out
 
-    def add(self, ids: list[str], vectors: np.ndarray, metadata: list[dict[str, Any]]) -> int:
-        """Upsert items; returns once they are on disk."""
-        self.shard.add(ids, vectors, metadata)
+    def add(
+        self,
+        ids: list[str],
+        vectors: np.ndarray,
+        metadata: list[dict[str, Any]],
+        views: dict[str, np.ndarray] | None = None,
+    ) -> int:
+        """Upsert items (with their extra views, an augmented index); returns once they are
+        on disk."""
+        self.shard.add(ids, vectors, metadata, views)
         self._maybe_snapshot(len(ids))
         return len(ids)
 
@@ -432,7 +457,34 @@ class SearchHit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    """One image, no boxes, no label_key."""
+
+    model_config = ConfigDict(extra="forbid")  # keeps the response union unambiguous
+
     results: list[SearchHit] = Field(description="best first")
+
+
+class LabeledSearchResponse(SearchResponse):
+    """One image, no boxes, with label_key."""
+
+    label: Any = Field(description="the score-weighted vote of the hits' label_key values")
+    label_score: float = Field(description="the voted label's share of the summed scores")
+
+
+class QueryResults(BaseModel):
+    index: int = Field(description="position of the image, or of the box, in the request")
+    box: list[int] | None = Field(description="[x, y, w, h] cropped (null: the whole image)")
+    results: list[SearchHit] = Field(description="best first")
+    label: Any = Field(None, description="with label_key: the voted label (null: no vote)")
+    label_score: float | None = Field(None, description="with label_key: the label's share")
+
+
+class QueriesResponse(BaseModel):
+    """Several images, or boxes: one entry per image or box, in request order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[QueryResults]
 
 
 class EmbedResponse(BaseModel):
@@ -497,14 +549,49 @@ _FILTER = {
     "description": 'metadata equality: {"camid": 3} or {"camid": [1, 2]} (any of)',
 }
 _FILTER_TEXT = {"type": "string", "description": "a JSON object, as in the JSON body"}
+_BOXES = {
+    "type": "array",
+    "items": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+    "description": "[[x, y, w, h], ...] in pixels of the one image sent (e.g. a detector's "
+    "boxes): each box is cropped and searched; a box past the right or bottom edge is clipped",
+}
+_LABEL_KEY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_LABEL_KEY_LENGTH,
+    "description": "a gallery metadata key (e.g. class): each query also gets label and "
+    "label_score, the score-weighted vote of its hits",
+}
 SEARCH_BODY = _request_body(
     {
         "required": ["image_b64"],
-        "properties": {"image_b64": _B64, "k": _K, "where": _FILTER, "exclude": _FILTER},
+        "properties": {
+            "image_b64": {
+                "oneOf": [_B64, {"type": "array", "items": _B64, "minItems": 1}],
+                "description": "one image, or a list of images (one result list each)",
+            },
+            "k": _K,
+            "where": _FILTER,
+            "exclude": _FILTER,
+            "boxes": _BOXES,
+            "label_key": _LABEL_KEY,
+        },
     },
     {
         "required": ["image"],
-        "properties": {"image": _FILE, "k": _K, "where": _FILTER_TEXT, "exclude": _FILTER_TEXT},
+        "properties": {
+            "image": {
+                "type": "array",
+                "items": _FILE,
+                "minItems": 1,
+                "description": "one or more image parts (one result list each)",
+            },
+            "k": _K,
+            "where": _FILTER_TEXT,
+            "exclude": _FILTER_TEXT,
+            "boxes": {"type": "string", "description": "a JSON list of [x, y, w, h] boxes"},
+            "label_key": _LABEL_KEY,
+        },
     },
 )
 EMBED_BODY = _request_body(
@@ -653,13 +740,17 @@ class RetrievalIngress:
     ):
         keep_replica_grpc_on_loopback()
         # The ingress decodes (so bad images fail here, with a 400); that module needs torch.
-        from reid_platform.data.dataset import ImageDecodeError, decode_image
+        from reid_platform.data.dataset import ImageDecodeError, crop_box, decode_image
+        from reid_platform.retrieval.batch_search import label_vote
 
         self._decode_image, self._decode_error = decode_image, ImageDecodeError
+        self._crop_box, self._label_vote = crop_box, label_vote
         self.embedder = embedder
         self.shards = shards
         self.index = settings["index"]
         self.max_k = int(settings["max_k"])
+        self.max_images = int(settings.get("max_images", DEFAULT_MAX_IMAGES))
+        self.max_boxes = int(settings.get("max_boxes", DEFAULT_MAX_BOXES))
         self.max_body_bytes = int(settings["max_body_bytes"])
         self.max_image_pixels = int(settings["max_image_pixels"])
         self.docs_public = bool(settings["docs_public"])
@@ -730,26 +821,59 @@ class RetrievalIngress:
         return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
 
     @api.post(
-        "/v1/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=SEARCH_BODY
+        "/v1/search",
+        response_model=SearchResponse | LabeledSearchResponse | QueriesResponse,
+        responses=ERRORS,
+        openapi_extra=SEARCH_BODY,
     )
     async def search(
         self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> dict[str, Any]:
-        """Top-k gallery items for one image: multipart `image` + `k` (+ `where`, `exclude`
-        as JSON strings), or JSON {"image_b64", "k", "where", "exclude"}."""
+        """Top-k gallery items for each image, or each box of one scene image.
+
+        Multipart: `image` parts (one or more), `k`, and `where`, `exclude`, `boxes` as JSON
+        strings, `label_key` as text. JSON: {"image_b64": one or a list, "k", "where",
+        "exclude", "boxes", "label_key"}. One image without boxes answers {"results": [...]}
+        (+ "label", "label_score" with label_key); several images or `boxes` answer
+        {"queries": [{"index", "box", "results", "label", "label_score"}, ...]} in request
+        order, the images or crops embedded as one batch.
+        """
         self._authorize(credentials)
         start = time.perf_counter()
         images, fields, is_json = await self._read(request)
         k = self._k(fields.get("k", []))
         where = self._filter(fields, "where", is_json)
         exclude = self._filter(fields, "exclude", is_json)
-        data = self._one(images)
+        boxes = self._boxes(fields, is_json)
+        label_key = self._label_key(fields)
+        self._check_counts(images, boxes)
         self.hops.add("parse", time.perf_counter() - start)
-        image = await self._decode(data, "image")
-        vector = await self._timed("embed", self.embedder.embed.remote(image))  # (D,)
-        results = await self._top_k(vector[None, :], k, where, exclude)
+        if boxes is None and len(images) == 1:
+            image = await self._decode(images[0], "image")
+            vector = await self._timed("embed", self.embedder.embed.remote(image))  # (D,)
+            results = (await self._top_k(vector[None, :], k, where, exclude))[0]
+            self.hops.add("total", time.perf_counter() - start)
+            if label_key is None:
+                return {"results": results}
+            label, share = self._vote(results, label_key)
+            return {"results": results, "label": label, "label_score": share}
+        if boxes is None:
+            names = [f"image {n}" for n in range(len(images))]
+            crops = list(await asyncio.gather(*map(self._decode, images, names)))
+        else:
+            scene = await self._decode(images[0], "image")
+            crops = [self._crop(scene, box, n) for n, box in enumerate(boxes)]
+        queries = []
+        if crops:
+            vectors = await self._timed("embed", self.embedder.embed_many.remote(crops))  # (Q, D)
+            for n, results in enumerate(await self._top_k(vectors, k, where, exclude)):
+                label, share = self._vote(results, label_key) if label_key else (None, None)
+                box = boxes[n] if boxes is not None else None
+                queries.append(
+                    dict(index=n, box=box, results=results, label=label, label_score=share)
+                )
         self.hops.add("total", time.perf_counter() - start)
-        return {"results": results[0]}
+        return {"queries": queries}
 
     @api.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=EMBED_BODY)
     async def embed(
@@ -786,6 +910,10 @@ class RetrievalIngress:
             ]
         )
         vectors = await asyncio.gather(*[self.embedder.embed.remote(a) for a in arrays])
+        flipped = None
+        if self.index.get("augment") == "flip":  # the index holds every item's mirror view too
+            mirrors = [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
+            flipped = await self.embedder.embed_many.remote(mirrors)  # (N, D)
         groups: dict[int, list[int]] = {}
         for row, item_id in enumerate(ids):
             groups.setdefault(shard_of(item_id, len(self.shards)), []).append(row)
@@ -795,6 +923,7 @@ class RetrievalIngress:
                     [ids[r] for r in rows],
                     np.stack([vectors[r] for r in rows]),
                     [metadata[r] for r in rows],
+                    None if flipped is None else {"flip": flipped[rows]},
                 )
                 for s, rows in groups.items()
             ],
@@ -867,6 +996,8 @@ class RetrievalIngress:
             "resources": self.resources,
             "limits": {
                 "max_k": self.max_k,
+                "max_images": self.max_images,
+                "max_boxes": self.max_boxes,
                 "max_body_bytes": self.max_body_bytes,
                 "max_image_pixels": self.max_image_pixels,
             },
@@ -959,16 +1090,25 @@ class RetrievalIngress:
         for n, item in enumerate(items):
             if "image_b64" not in item:
                 raise HTTPException(422, f"item {n}: field 'image_b64' is missing")
-            if not isinstance(item["image_b64"], str):
-                raise HTTPException(422, f"item {n}: 'image_b64' must be a base64 string")
-            try:
-                images.append(base64.b64decode(item["image_b64"], validate=True))
-            except (binascii.Error, ValueError):
-                raise HTTPException(400, f"item {n}: 'image_b64' is not valid base64") from None
+            value = item["image_b64"]
+            # A search body may send a list of images; gallery items one image each.
+            listed = isinstance(value, list) and "items" not in data
+            if listed and not value:
+                raise HTTPException(422, "'image_b64' is an empty list: send at least one image")
+            for j, text in enumerate(value if listed else [value]):
+                where = f"'image_b64'[{j}]" if listed else f"item {n}: 'image_b64'"
+                if not isinstance(text, str):
+                    plain = listed or "items" in data  # a single search image may be a list
+                    what = "a base64 string" + ("" if plain else " or a list of them")
+                    raise HTTPException(422, f"{where} must be {what}")
+                try:
+                    images.append(base64.b64decode(text, validate=True))
+                except (binascii.Error, ValueError):
+                    raise HTTPException(400, f"{where} is not valid base64") from None
             for name in ("id", "metadata"):
                 if name in item:
                     fields.setdefault(name, []).append(item[name])
-        for name in ("k", "where", "exclude"):
+        for name in ("k", "where", "exclude", "boxes", "label_key"):
             if name in data:
                 fields[name] = [data[name]]
         return images, fields
@@ -1004,6 +1144,81 @@ class RetrievalIngress:
             return check_filter(spec, name) or None
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
+
+    def _boxes(self, fields: dict[str, list[Any]], is_json: bool) -> list[list[int]] | None:
+        """The `boxes` field as [x, y, w, h] integer pixels (numbers are rounded), or None."""
+        values = fields.get("boxes", [])
+        if not values:
+            return None
+        if len(values) > 1:
+            raise HTTPException(422, f"send field 'boxes' once, got {len(values)}")
+        spec = values[0] if is_json else _parse_json(values[0], "field 'boxes'", 422)
+        if spec is None:
+            return None
+        if not isinstance(spec, list):
+            raise HTTPException(
+                422, f"boxes must be a JSON list of [x, y, w, h] boxes, got {_shown(spec)}"
+            )
+        if len(spec) > self.max_boxes:
+            raise HTTPException(
+                422,
+                f"boxes: {len(spec)} boxes are more than the {self.max_boxes} a request may "
+                "send (setting max_boxes); split the request",
+            )
+        boxes = []
+        for n, box in enumerate(spec):
+            if not (
+                isinstance(box, list)
+                and len(box) == 4
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+                and all(math.isfinite(v) for v in box)
+            ):
+                raise HTTPException(
+                    422, f"boxes[{n}] must be [x, y, w, h] (4 finite numbers), got {_shown(box)}"
+                )
+            boxes.append([int(round(v)) for v in box])
+        return boxes
+
+    def _label_key(self, fields: dict[str, list[Any]]) -> str | None:
+        values = fields.get("label_key", [])
+        if not values or values[-1] is None:
+            return None
+        if len(values) > 1:
+            raise HTTPException(422, f"send field 'label_key' once, got {len(values)}")
+        key = values[0]
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_LABEL_KEY_LENGTH:
+            raise HTTPException(
+                422,
+                f"label_key must be a metadata key: a string of 1 to {MAX_LABEL_KEY_LENGTH} "
+                f"characters, got {_shown(key)}",
+            )
+        return key
+
+    def _check_counts(self, images: list[bytes], boxes: list[list[int]] | None) -> None:
+        if not images:
+            raise HTTPException(422, "send at least one image (field 'image')")
+        if len(images) > self.max_images:
+            raise HTTPException(
+                422,
+                f"image: {len(images)} images are more than the {self.max_images} a request "
+                "may send (setting max_images); split the request",
+            )
+        if boxes is not None and len(images) != 1:
+            raise HTTPException(
+                422, f"boxes belong to one scene image: send one image with them, not {len(images)}"
+            )
+
+    def _crop(self, scene: np.ndarray, box: list[int], n: int) -> np.ndarray:
+        try:
+            return self._crop_box(scene, box, f"boxes[{n}]")
+        except self._decode_error as err:
+            raise HTTPException(422, str(err)) from None
+
+    def _vote(self, results: list[dict[str, Any]], label_key: str) -> tuple[Any, float]:
+        """label_vote over the hits as answered (their public metadata)."""
+        return self._label_vote(
+            [h["score"] for h in results], [h["metadata"] for h in results], label_key
+        )
 
     def _gallery_fields(
         self, images: list[bytes], fields: dict[str, list[Any]]
@@ -1201,8 +1416,11 @@ def build_app(args: RetrievalArgs) -> Application:
             "metric": manifest["metric"],
             "dim": manifest["dim"],
             "num_shards": num_shards,
+            "augment": manifest.get("extra", {}).get("augment", "none"),
         },
         "max_k": args.max_k,
+        "max_images": args.max_images,
+        "max_boxes": args.max_boxes,
         "max_body_bytes": args.max_body_bytes,
         "max_image_pixels": args.max_image_pixels,
         "docs_public": args.docs_public,

@@ -229,3 +229,44 @@ def test_flip_tta_gallery_equals_in_process_flip_embeddings(
     with pytest.raises(SystemExit):  # the same index without flip: refused, names the field
         run_job(*args)
     assert "tta 'flip' (asked 'none')" in capsys.readouterr().err
+
+
+def test_flip_augmented_gallery_returns_each_item_once(
+    ray_session, tiny_market, checkpoint, tmp_path, capsys
+):
+    """--augment flip indexes every image's mirror as a second view: k items come back when
+    k exist, each once, with its best view's score; a mirrored query finds its item at 1."""
+    from reid_platform.data.dataset import read_image
+    from reid_platform.retrieval import ShardedIndex, read_manifest
+    from reid_platform.retrieval.embedders import make_embedder
+    from reid_platform.retrieval.gallery import gallery_samples
+
+    out = tmp_path / "index"
+    args = ["--checkpoint", str(checkpoint), "--gallery", str(tiny_market), "--out", str(out)]
+    summary = run_job(*args, "--augment", "flip", "--shards", "2")
+    assert summary["augment"] == "flip" and read_manifest(out)["extra"]["augment"] == "flip"
+    samples, _ = gallery_samples(tiny_market)
+    ids = [s.item_id for s in samples]
+    embedder = make_embedder("torch", checkpoint, "cpu")
+    images = [read_image(s.path) for s in samples]
+    plain = embedder.embed(images)  # (N, D)
+    mirrored = embedder.embed([np.ascontiguousarray(image[:, ::-1]) for image in images])
+    assert summary["count"] == len(samples)
+    with ShardedIndex.open(out) as index:
+        assert index.count == len(samples)
+        assert sum(s["views"] for s in index.stats()["shards"]) == len(samples)
+        queries = np.concatenate([plain[:3], mirrored[:3]])  # (6, D)
+        scores, found = index.search(queries, len(samples))
+        best = np.maximum(queries @ plain.T, queries @ mirrored.T)  # (6, N)
+        for q, row in enumerate(found):
+            assert sorted(row) == sorted(ids)  # every item, once
+            np.testing.assert_allclose(scores[q], np.sort(best[q])[::-1], atol=1e-5)
+        for q in range(3):  # the mirrored image's query finds its item through the flip view
+            assert found[3 + q][0] == ids[q] and scores[3 + q, 0] == pytest.approx(1, abs=1e-5)
+        assert float(plain[0] @ mirrored[0]) < 0.9999  # which the plain view alone would not
+    with pytest.raises(SystemExit):  # the same index without augment: refused, names it
+        run_job(*args, "--shards", "2")
+    assert "augment 'flip' (asked 'none')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_job(*args[:4], "--out", str(tmp_path / "other"), "--augment", "flip", "--tta", "flip")
+    assert "--augment flip with --tta flip" in capsys.readouterr().err

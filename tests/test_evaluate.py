@@ -762,3 +762,45 @@ def test_cli_bad_flag_values_name_the_flag(eval_setup, monkeypatch, capsys, flag
     last_line = stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert code == 2 and last_line.startswith(message), stderr
     assert "%|" not in stderr  # failed before anything was embedded
+
+
+def test_flip_tta_embedding_is_the_mean_with_the_mirror_image(tiny_market, tmp_path):
+    """extract_features(flip=True) == normalise(embedding of the image + of its mirror image,
+    written to disk and embedded on its own)."""
+    from reid_platform.data.formats import Sample
+    from reid_platform.evaluation.embed import extract_features
+
+    torch.manual_seed(0)
+    config = Config().replace(**{"model.backbone": "test_resnet"})
+    model = build_model(config.model, num_classes=4).eval()
+    paths = sorted((tiny_market / "query").glob("*.jpg"))[:6]
+    samples, mirrors = [], []
+    for n, path in enumerate(paths):
+        mirror = tmp_path / f"mirror_{n}.png"  # lossless: the mirror's pixels exactly
+        Image.open(path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirror)
+        samples.append(Sample(str(path), n, 0, "query"))
+        mirrors.append(Sample(str(mirror), n, 0, "query"))
+    plain = extract_features(model, samples, 64, 32).feats
+    mirrored = extract_features(model, mirrors, 64, 32).feats
+    expected = plain + mirrored
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    flipped = extract_features(model, samples, 64, 32, batch_size=4, flip=True)
+    np.testing.assert_allclose(flipped.feats, expected, atol=1e-5)
+    assert not np.allclose(flipped.feats, plain, atol=1e-3)
+
+
+def test_cli_tta_flip_is_reported_and_changes_the_scores(eval_setup, monkeypatch, capsys):
+    a, _ = eval_setup["checkpoints"]
+    reports = {}
+    for tta in ("none", "flip"):
+        out = eval_setup["root"] / f"tta_{tta}"
+        code, _, stderr = run_cli(
+            monkeypatch,
+            capsys,
+            ["--checkpoint", str(a), "--tta", tta, "--no-mlflow", "--scatter", "pca", "--out",
+             str(out)],
+        )
+        assert code == 0, stderr
+        reports[tta] = json.loads((out / "report.json").read_text())
+        assert reports[tta]["tta"] == tta
+    assert reports["flip"]["variants"]["raw"] != reports["none"]["variants"]["raw"]

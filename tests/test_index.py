@@ -558,3 +558,75 @@ def test_filter_errors_name_the_argument(tmp_path, gallery):
             index.search(vectors[:1], 3, where=where)
     with pytest.raises(ValueError, match="exclude.pid"):
         index.search(vectors[:1], 3, exclude={"pid": [[1]]})
+
+
+# ---- views (gallery augmentation) ---------------------------------------------------------
+
+
+def best_view_reference(ids, views, queries, k, keep=None):
+    """Reference: each item's score is its best view's; top-k items, best first."""
+    scores = np.max(np.stack([queries @ v.T for v in views]), axis=0)  # (Q, N)
+    if keep is not None:
+        scores[:, ~keep] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    found = [
+        [ids[j] for j, s in zip(row, row_top) if np.isfinite(s)] for row, row_top in zip(order, top)
+    ]
+    return top, found
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_views_return_each_item_once_with_its_best_view(tmp_path, num_shards):
+    ids, plain = random_gallery(40, seed=3)
+    # the second view close to the first, so both views of an item compete for the top
+    flipped = unit(plain + 0.3 * np.random.default_rng(4).standard_normal(plain.shape))
+    metadata = [{"camid": i % 3} for i in range(len(ids))]
+    queries = unit(plain[:5] + 0.1)
+    with ShardedIndex.create(tmp_path, DIM, num_shards) as index:
+        index.add(ids, plain, metadata, views={"flip": flipped})
+        assert index.count == len(ids) and len(index) == len(ids)
+        assert sum(s["views"] for s in index.stats()["shards"]) == len(ids)
+        for k in (1, 7, len(ids)):  # k = every item: each exactly once
+            scores, found = index.search(queries, k)
+            assert all(len(row) == len(set(row)) == k for row in found)
+            ref_scores, ref_ids = best_view_reference(ids, [plain, flipped], queries, k)
+            assert found == ref_ids
+            np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+        # filters: the exact best-view top-k among matching items
+        keep = np.array([m["camid"] != 1 for m in metadata])
+        scores, found, meta = index.search_with_metadata(queries, 10, exclude={"camid": 1})
+        ref_scores, ref_ids = best_view_reference(ids, [plain, flipped], queries, 10, keep)
+        assert found == ref_ids and all(m["camid"] != 1 for row in meta for m in row)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+        # remove: both views go
+        index.remove(ids[:4])
+        assert index.count == len(ids) - 4 and ids[0] not in index
+        assert sum(s["ntotal"] for s in index.stats()["shards"]) == 2 * (len(ids) - 4)
+        _, found = index.search(queries, len(ids))
+        assert all(len(row) == len(ids) - 4 and not set(row) & set(ids[:4]) for row in found)
+        # an upsert without the view drops the old one: the item has one vector again
+        index.add(ids[4:6], plain[4:6], metadata[4:6])
+        assert sum(s["views"] for s in index.stats()["shards"]) == len(ids) - 6
+        index.save()
+    with ShardedIndex.open(tmp_path) as index:  # views survive a reopen
+        assert index.count == len(ids) - 4
+        scores, found = index.search(queries, 3)
+        rest = np.ones(len(ids), bool)
+        rest[:4] = False
+        no_view = unit(np.where(np.isin(np.arange(len(ids)), [4, 5])[:, None], plain, flipped))
+        ref_scores, ref_ids = best_view_reference(ids, [plain, no_view], queries, 3, rest)
+        assert found == ref_ids
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_views_and_ids_are_checked(tmp_path):
+    ids, plain = random_gallery(4)
+    with ShardedIndex.create(tmp_path, DIM, 2) as index:
+        with pytest.raises(ValueError, match="view 'rotate' is not known"):
+            index.add(ids, plain, views={"rotate": plain})
+        with pytest.raises(ValueError, match="got 4 ids but 3 vectors"):
+            index.add(ids, plain, views={"flip": plain[:3]})
+        with pytest.raises(ValueError, match="U\\+001F"):
+            index.add(["a\x1fflip"], plain[:1])
+        assert index.count == 0

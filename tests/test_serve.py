@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
 MAX_K = 100
 BODY_LIMIT = 64 * 1024
+MAX_IMAGES, MAX_BOXES = 4, 8  # per /v1/search request
 APPS = {"s3": 3, "s1": 1}  # app name -> shards
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,8 @@ def app_args(index_dir: Path, name: str, **overrides) -> dict:
         "docs_public": name != "s1",
         "metadata_path": "omit" if name == "s1" else "relative",
         "write_timeout_s": 2.0,
+        "max_images": MAX_IMAGES,
+        "max_boxes": MAX_BOXES,
     }
     args.update(overrides)
     return args
@@ -614,6 +617,277 @@ def test_filters_over_http_equal_brute_force(clients, gallery, query_images, whe
         assert [r["id"] for r in as_json] == filtered_reference(gallery, query, 3, where, exclude)[
             0
         ]
+
+
+# ---- several images, boxes, label votes ---------------------------------------------------
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # lossless: crops are the pixels sent
+    return buffer.getvalue()
+
+
+def decoded(image: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+
+
+def queries_of(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"queries"}, body
+    for n, query in enumerate(body["queries"]):
+        assert set(query) == {"index", "box", "results", "label", "label_score"}
+        assert query["index"] == n
+    return body["queries"]
+
+
+def same_hits(got: list[dict], alone: list[dict]) -> None:
+    assert_same_ranking(got, [h["id"] for h in alone], np.array([h["score"] for h in alone]))
+
+
+def test_scene_boxes_crop_what_they_say(clients, query_images):
+    """Three query images pasted into a scene at known places: each box's results equal the
+    search of that image alone; a box past the scene's edge is clipped there."""
+    client = clients["s3"]
+    parts = [decoded(image) for image in query_images[:3]]  # (64, 32, 3) each
+    scene = np.full((100, 150, 3), 127, np.uint8)
+    places = [(5, 10), (60, 0), (118, 36)]  # (x, y) of each part
+    boxes = []
+    for (x, y), part in zip(places, parts):
+        h, w = part.shape[:2]
+        scene[y : y + h, x : x + w] = part
+        boxes.append([x, y, w, h])
+    boxes.append([118, 36, 32 + 40, 64 + 40])  # the third part again, past both edges
+    boxes.append([60.4, -0.3, 31.6, 64.2])  # numbers are rounded: the second part
+    alone = [search(client, png(part), 5) for part in parts]
+    expected = [alone[0], alone[1], alone[2], alone[2], alone[1]]
+    scene_png = png(scene)
+    multipart = client.post(
+        "/v1/search",
+        files={"image": scene_png},
+        data={"k": "5", "boxes": json.dumps(boxes)},
+    )
+    as_json = client.post(
+        "/v1/search",
+        json={"image_b64": base64.b64encode(scene_png).decode(), "k": 5, "boxes": boxes},
+    )
+    for response in (multipart, as_json):
+        queries = queries_of(response)
+        assert len(queries) == len(boxes)
+        for query, hits, box in zip(queries, expected, boxes):
+            assert query["box"] == [int(round(v)) for v in box]
+            assert query["label"] is None and query["label_score"] is None
+            same_hits(query["results"], hits)
+    # a box of the background alone is not any of the parts
+    background = client.post(
+        "/v1/search", files={"image": scene_png}, data={"k": "5", "boxes": "[[0, 80, 50, 20]]"}
+    )
+    (only,) = queries_of(background)
+    same_hits(only["results"], search(client, png(scene[80:100, 0:50]), 5))
+    # no boxes (a detector that found nothing): no queries, the image still checked
+    assert client.post("/v1/search", files={"image": scene_png}, data={"boxes": "[]"}).json() == {
+        "queries": []
+    }
+
+
+def test_several_images_each_as_alone(clients, query_images):
+    client = clients["s3"]
+    images = query_images[:3]
+    alone = [search(client, image, 4) for image in images]
+    multipart = client.post(
+        "/v1/search", files=[("image", image) for image in images], data={"k": "4"}
+    )
+    as_json = client.post(
+        "/v1/search",
+        json={"image_b64": [base64.b64encode(image).decode() for image in images], "k": 4},
+    )
+    for response in (multipart, as_json):
+        queries = queries_of(response)
+        assert len(queries) == len(images)
+        for query, hits in zip(queries, alone):
+            assert query["box"] is None and query["label"] is None
+            same_hits(query["results"], hits)
+    # the same image twice, with a filter: both equal the filtered single search
+    where = {"camid": 1}
+    single = client.post(
+        "/v1/search", files={"image": images[0]}, data={"k": "3", "where": json.dumps(where)}
+    ).json()["results"]
+    twice = client.post(
+        "/v1/search",
+        files=[("image", images[0]), ("image", images[0])],
+        data={"k": "3", "where": json.dumps(where)},
+    )
+    for query in queries_of(twice):
+        same_hits(query["results"], single)
+        assert all(h["metadata"]["camid"] == 1 for h in query["results"])
+
+
+def test_label_key_votes_the_hits_labels(clients, query_images):
+    """A hand-made gallery: query 0 twice labelled "red", query 1 once "blue" (the only items
+    with a `class`); each query's label is the score-weighted vote of its top 3."""
+    client = clients["s3"]
+    q0, q1 = query_images[:2]
+    items = [("vote/red-1", q0, "red"), ("vote/red-2", q0, "red"), ("vote/blue", q1, "blue")]
+    added = client.post(
+        "/v1/gallery",
+        files=[("image", image) for _, image, _ in items],
+        data={
+            "id": [i for i, _, _ in items],
+            "metadata": [json.dumps({"class": c}) for *_, c in items],
+        },
+    )
+    assert added.status_code == 200, added.text
+    try:
+        e0, e1 = embed(client, q0), embed(client, q1)
+        cos = max(float(e0 @ e1), 0.0)  # negative scores count as 0
+        where = json.dumps({"class": ["red", "blue"]})
+        # query 0: red 1 + 1, blue cos; query 1: red cos + cos, blue 1
+        expected = [("red", 2 / (2 + cos)), ("blue", 1 / (1 + 2 * cos))]
+        if 2 * cos > 1:
+            expected[1] = ("red", 2 * cos / (1 + 2 * cos))
+        single = client.post(
+            "/v1/search",
+            files={"image": q0},
+            data={"k": "3", "where": where, "label_key": "class"},
+        )
+        assert single.status_code == 200, single.text
+        body = single.json()
+        assert set(body) == {"results", "label", "label_score"}
+        assert body["label"] == "red"
+        assert body["label_score"] == pytest.approx(expected[0][1], abs=1e-4)
+        scene = np.zeros((64, 64, 3), np.uint8)
+        scene[:, :32], scene[:, 32:] = decoded(q0), decoded(q1)
+        boxes = [[0, 0, 32, 64], [32, 0, 32, 64]]
+        response = client.post(
+            "/v1/search",
+            json={
+                "image_b64": base64.b64encode(png(scene)).decode(),
+                "k": 3,
+                "where": {"class": ["red", "blue"]},
+                "boxes": boxes,
+                "label_key": "class",
+            },
+        )
+        for query, (label, share) in zip(queries_of(response), expected):
+            assert query["label"] == label
+            assert query["label_score"] == pytest.approx(share, abs=1e-4)
+        # a key no hit carries: no label, share 0
+        none = client.post(
+            "/v1/search", files={"image": q0}, data={"k": "3", "label_key": "no-such-key"}
+        ).json()
+        assert (none["label"], none["label_score"]) == (None, 0.0)
+    finally:
+        for item_id, _, _ in items:
+            client.delete(f"/v1/gallery/{item_id}")
+
+
+def test_bad_boxes_images_and_label_keys_are_json_4xx(clients, query_images):
+    client = clients["s3"]
+    image = query_images[0]  # 32 x 64
+    b64 = base64.b64encode(image).decode()
+    for boxes, words in [
+        ("[[0, 0", ("field 'boxes'", "not valid JSON")),
+        ('{"x": 1}', ("boxes must be a JSON list",)),
+        ("[[1, 2, 3]]", ("boxes[0]", "4 finite numbers")),
+        ('[[0, 0, 4, 4], [0, 0, "a", 4]]', ("boxes[1]",)),
+        ("[[0, 0, true, 4]]", ("boxes[0]",)),
+        ("[[0, 0, NaN, 4]]", ("boxes[0]", "finite")),
+        ("[[0, 0, 1e400, 4]]", ("boxes[0]", "finite")),
+        ("[[0, 0, 0, 5]]", ("boxes[0]", "empty")),
+        ("[[0, 0, 4, 4], [0, 0, 5, 0.2]]", ("boxes[1]", "empty")),
+        ("[[32, 0, 5, 5]]", ("boxes[0]", "outside the 32x64 image")),
+        ("[[-1, 0, 5, 5]]", ("boxes[0]", "outside")),
+        ("[[0, 64, 5, 5]]", ("boxes[0]", "outside")),
+        (json.dumps([[0, 0, 4, 4]] * (MAX_BOXES + 1)), ("max_boxes", str(MAX_BOXES))),
+    ]:
+        response = client.post("/v1/search", files={"image": image}, data={"boxes": boxes})
+        check_json_error(response, 422, *words)
+    check_json_error(
+        client.post("/v1/search", json={"image_b64": b64, "boxes": "[[0, 0, 4, 4]]"}),
+        422,
+        "boxes must be a JSON list",
+    )
+    check_json_error(
+        client.post("/v1/search", files=[("image", image)] * 2, data={"boxes": "[[0, 0, 4, 4]]"}),
+        422,
+        "one scene image",
+    )
+    check_json_error(
+        client.post(
+            "/v1/search", files={"image": image}, data={"boxes": ["[]", "[]"]}
+        ),
+        422,
+        "'boxes' once",
+    )
+    check_json_error(
+        client.post("/v1/search", files=[("image", image)] * (MAX_IMAGES + 1)),
+        422,
+        "max_images",
+        str(MAX_IMAGES),
+    )
+    check_json_error(
+        client.post("/v1/search", json={"image_b64": [b64] * (MAX_IMAGES + 1)}), 422, "max_images"
+    )
+    check_json_error(client.post("/v1/search", json={"image_b64": []}), 422, "image_b64")
+    check_json_error(client.post("/v1/search", json={"image_b64": [b64, 7]}), 422, "'image_b64'[1]")
+    check_json_error(client.post("/v1/search", json={"image_b64": [b64, "!!"]}), 400, "[1]")
+    broken = client.post("/v1/search", files=[("image", image), ("image", b"junk")])
+    check_json_error(broken, 400, "image 1")
+    for label_key in ("", "x" * 300):
+        response = client.post("/v1/search", files={"image": image}, data={"label_key": label_key})
+        check_json_error(response, 422, "label_key")
+    for label_key in (5, ["class"], {"a": 1}):
+        response = client.post("/v1/search", json={"image_b64": b64, "label_key": label_key})
+        check_json_error(response, 422, "label_key")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert len(search(client, image, 3)) == 3
+
+
+def test_augmented_index_serves_each_item_once_and_writes_both_views(
+    clients, serve_port, index_dirs, gallery, checkpoint, tiny_market, query_images, tmp_path
+):
+    """An index built with both views of every item (as `build_index --augment flip`): each
+    item comes back once with its best view's score; POST /v1/gallery adds both views (the
+    mirrored image finds the new item at score 1) and DELETE removes both."""
+    from ray import serve
+
+    from reid_platform.retrieval import ShardedIndex
+    from reid_platform.retrieval.embedders import make_embedder
+
+    embedder = make_embedder("torch", checkpoint, "cpu")
+    images = [decoded(Path(m["path"]).read_bytes()) for m in gallery.metadata]
+    mirrored = embedder.embed([np.ascontiguousarray(image[:, ::-1]) for image in images])
+    extra = {"checkpoint": str(checkpoint), "gallery": str(tiny_market), "augment": "flip"}
+    with ShardedIndex.create(tmp_path / "aug", mirrored.shape[1], 2, extra=extra) as index:
+        index.add(gallery.ids, gallery.vectors, gallery.metadata, views={"flip": mirrored})
+        index.save()
+    deploy({**all_args(index_dirs), "a1": app_args(tmp_path / "aug", "a1")})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/reid-test-a1", timeout=60.0)
+    try:
+        n = len(gallery.ids)
+        assert client.get("/v1/stats").json()["count"] == n
+        for image in query_images[:2]:
+            query = embed(client, image)
+            best = np.maximum(gallery.vectors @ query, mirrored @ query)  # (N,)
+            order = np.argsort(-best, kind="stable")
+            results = search(client, image, MAX_K)  # MAX_K > N: every item, once
+            assert sorted(r["id"] for r in results) == sorted(gallery.ids)
+            assert_same_ranking(results, [gallery.ids[j] for j in order], best[order])
+        new = query_images[2]
+        mirror = png(np.ascontiguousarray(decoded(new)[:, ::-1]))
+        assert float(embed(client, new) @ embed(client, mirror)) < 0.9999
+        added = client.post("/v1/gallery", files={"image": new}, data={"id": "aug/new.jpg"})
+        assert added.status_code == 200, added.text
+        assert client.get("/v1/stats").json()["count"] == n + 1
+        top = search(client, mirror, 1)[0]  # found through the new item's flip view
+        assert top["id"] == "aug/new.jpg" and top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert client.delete("/v1/gallery/aug/new.jpg").status_code == 200
+        results = search(client, mirror, MAX_K)
+        assert len(results) == n and "aug/new.jpg" not in {r["id"] for r in results}
+    finally:
+        client.close()
+        serve.delete("reid-test-a1")
 
 
 def test_concurrent_searches_are_coalesced_and_equal_one_by_one(clients, query_images):

@@ -108,13 +108,24 @@ def read_image(
     """
     image = _open(path, str(path), max_pixels)
     array = _to_rgb_array(image, str(path))
-    if box is not None:
-        x, y, w, h = box
-        height, width = array.shape[:2]
-        if x >= width or y >= height:
-            raise ImageDecodeError(f"{path}: box {box} lies outside the {width}x{height} image")
-        array = array[y : min(y + h, height), x : min(x + w, width)]
-    return array
+    return array if box is None else crop_box(array, box, str(path))
+
+
+def crop_box(array: np.ndarray, box: Sequence[int], source: str = "image") -> np.ndarray:
+    """The pixels of `box` (x, y, w, h) in an (H, W, C) image; a box reaching past the right
+    or bottom edge is clipped there (detectors round past the edge).
+
+    Raises:
+        ImageDecodeError: naming `source` and the box when it is empty (w or h < 1) or starts
+            outside the image (x or y negative, or x >= W, y >= H).
+    """
+    x, y, w, h = (int(v) for v in box)
+    height, width = array.shape[:2]
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{source}: box {list(box)} is empty (w and h must be >= 1)")
+    if x < 0 or y < 0 or x >= width or y >= height:
+        raise ImageDecodeError(f"{source}: box {list(box)} lies outside the {width}x{height} image")
+    return array[y : min(y + h, height), x : min(x + w, width)]
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -46,12 +46,20 @@ def extract_features(
     amp: bool = False,
     progress: bool = False,
     desc: str = "embedding",
+    flip: bool = False,
 ) -> Features:
     """Run `model.embed` over samples in batches (model put in eval mode).
+
+    Args:
+        flip: flip test-time augmentation: each embedding is the normalised mean of the
+            image's and its mirror's (`retrieval.embedders.embed_views`, as the service's
+            `tta: flip`).
 
     Returns:
         Features with L2-normalised (N, D) float32 embeddings.
     """
+    from reid_platform.retrieval.embedders import embed_views, flip_mean
+
     model.eval()
     dataset = ImageDataset(samples, build_eval_transform(height, width))
     loader = torch.utils.data.DataLoader(
@@ -65,7 +73,8 @@ def extract_features(
         if batch["image"] is None:
             continue
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            emb = model.embed(batch["image"].to(device, non_blocking=True))
+            images = batch["image"].to(device, non_blocking=True)
+            emb = flip_mean(embed_views(model, images)) if flip else model.embed(images)
         feats.append(emb.float().cpu().numpy())
         pids.append(batch["pid"].numpy())
         camids.append(batch["camid"].numpy())

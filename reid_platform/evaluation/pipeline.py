@@ -380,6 +380,7 @@ def embed_checkpoints(
     device: str = "auto",
     progress: bool = True,
     pca_fit_samples: Sequence[Sample] | None = None,
+    tta: str = "none",
 ) -> tuple[list[ModelEmbeddings], EvalLabels, list[str]]:
     """Embed query and gallery with each checkpoint once (batched, on the GPU when present).
 
@@ -391,6 +392,7 @@ def embed_checkpoints(
         query, gallery: the samples to embed.
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1"...
         pca_fit_samples: also embed these (e.g. training images) to fit PCA whitening on.
+        tta: "flip": every image's embedding averaged with its mirror's (`extract_features`).
 
     Returns:
         (K ModelEmbeddings, labels of the rows kept, messages of the skipped images).
@@ -409,6 +411,7 @@ def embed_checkpoints(
             num_workers=data.loader_workers,
             progress=progress,
             amp=amp_enabled(checkpoint.config.train.amp, torch_device),
+            flip=tta == "flip",
         )
         start = time.perf_counter()
         try:
@@ -644,6 +647,7 @@ def run_evaluation(
     progress: bool = True,
     activation_map_count: int = 0,
     say: Callable[[str], None] | None = None,
+    tta: str = "none",
 ) -> EvaluationOutcome:
     """Embed, evaluate every variant, draw the pictures and write `out_dir/report.json`.
 
@@ -658,12 +662,18 @@ def run_evaluation(
         activation_map_count: draw activation maps of this many queries (first checkpoint).
         say: prints what the user should know on the way (e.g. that a large gallery is
             scored in blocks); None = quiet.
+        tta: "none", or "flip" (query and gallery embeddings averaged with their mirror
+            images'; recorded in the report).
 
     Raises:
         EvaluationError, DatasetError, CheckpointError: input that cannot be evaluated.
     """
     if not checkpoints:
         raise EvaluationError("give at least one --checkpoint")
+    from reid_platform.retrieval.embedders import TTA_MODES
+
+    if tta not in TTA_MODES:
+        raise EvaluationError(f"--tta {tta!r}: choose one of {list(TTA_MODES)}")
     options.check_values()  # before the slow part; the data-dependent checks follow
     config = checkpoints[0].config
     dataset = load_eval_dataset(config)
@@ -681,7 +691,7 @@ def run_evaluation(
         step = max(1, -(-len(dataset.train) // PCA_FIT_MAX_IMAGES))  # ceil division
         fit_samples = dataset.train[::step]
     models, labels, skipped = embed_checkpoints(
-        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples
+        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples, tta
     )
     note = blocked_note(len(labels.q_pids), len(labels.g_pids))
     if note and say:
@@ -704,4 +714,5 @@ def run_evaluation(
         "subset": bool(max_query or max_gallery),
     }
     report = build_report(evaluation, models, labels, options, dataset_info, skipped, pictures)
+    report["tta"] = tta
     return EvaluationOutcome(report, write_report(report, out_dir), evaluation)

@@ -25,17 +25,31 @@ from reid_platform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eva
 from reid_platform.runtime import resolve_device
 
 TTA_MODES = ("none", "flip")
+AUGMENT_MODES = ("none", "flip")  # gallery augmentation: extra views indexed per item
+
+
+def embed_views(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """`model.embed` of a preprocessed batch (B, 3, H, W) and of its horizontal mirror, as one
+    forward pass of 2B: (2, B, D) float32, each row L2-normalised ([0] the batch, [1] the
+    mirror). Flip TTA (`embed_tensor`), gallery augmentation (`jobs/build_index.py --augment`)
+    and `jobs/evaluate.py --tta flip` all embed the mirror through this."""
+    with torch.inference_mode():
+        both = model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
+        return both.view(2, len(batch), -1)
+
+
+def flip_mean(views: torch.Tensor) -> torch.Tensor:
+    """Flip TTA of `embed_views`' (2, B, D): the normalised mean of the two views, (B, D)."""
+    return torch.nn.functional.normalize(views[0] + views[1], dim=1)
 
 
 def embed_tensor(model: torch.nn.Module, batch: torch.Tensor, flip: bool = False) -> np.ndarray:
     """`model.embed` of a preprocessed batch (B, 3, H, W) on the model's device: (B, D)
     float32, L2-normalised; with `flip`, the normalised mean with the mirrored batch's."""
+    if flip:
+        return flip_mean(embed_views(model, batch)).cpu().numpy()
     with torch.inference_mode():
-        if not flip:
-            return model.embed(batch).float().cpu().numpy()
-        both = model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
-        mean = both[: len(batch)] + both[len(batch) :]
-        return torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+        return model.embed(batch).float().cpu().numpy()
 
 
 class ImageEmbedder(Protocol):

@@ -35,7 +35,7 @@ from reid_platform.data.formats import (
     load_folder,
 )
 from reid_platform.data.transforms import build_eval_transform
-from reid_platform.retrieval.embedders import TTA_MODES, embed_tensor
+from reid_platform.retrieval.embedders import AUGMENT_MODES, TTA_MODES, embed_tensor, embed_views
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
 from reid_platform.runtime import gpus_per_actor, resolve_device
 
@@ -59,6 +59,7 @@ class EmbeddedBatch:
     ids: list[str]
     vectors: np.ndarray  # (B, D) float32, L2-normalised
     skipped: list[str] = field(default_factory=list)  # "<path>: <why>" per corrupt image
+    flipped: np.ndarray | None = None  # (B, D): the mirrored images' (augment), else None
 
 
 # ---- which images -------------------------------------------------------------------------
@@ -164,21 +165,32 @@ class GalleryEmbedder:
     """`map_batches` callable class (the actor pool): decoded images -> L2-normalised
     embeddings (B, D). One model per actor, on the actor's GPU when it was given one; rows
     with a decode error get a zero vector. `flip`: flip test-time augmentation
-    (`embedders.embed_tensor`)."""
+    (`embedders.embed_tensor`); `augment`: also the mirrored image's embedding, in column
+    "flipped" (`embedders.embed_views`, the same forward pass)."""
 
-    def __init__(self, checkpoint: str, flip: bool = False):
+    def __init__(self, checkpoint: str, flip: bool = False, augment: bool = False):
         self.device = resolve_device("auto")
         self.model, _ = load_model(checkpoint, self.device)
         self.dim = self.model.embedding_dim
         self.flip = flip
+        self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.dim), dtype=np.float32)
+        flipped = np.zeros_like(vectors) if self.augment else None
         if ok.any():
             images = torch.from_numpy(np.array(batch["image"][ok]))  # (B, 3, H, W), a copy
-            vectors[ok] = embed_tensor(self.model, images.to(self.device), self.flip)
-        return {"item_id": batch["item_id"], "embedding": vectors, "error": batch["error"]}
+            images = images.to(self.device)
+            if self.augment:
+                views = embed_views(self.model, images).cpu().numpy()  # (2, B, D)
+                vectors[ok], flipped[ok] = views[0], views[1]
+            else:
+                vectors[ok] = embed_tensor(self.model, images, self.flip)
+        out = {"item_id": batch["item_id"], "embedding": vectors, "error": batch["error"]}
+        if flipped is not None:
+            out["flipped"] = flipped
+        return out
 
 
 def _input_size(checkpoint: str | Path) -> tuple[int, int]:
@@ -202,6 +214,7 @@ def iter_gallery_embeddings(
     num_gpus: float | None = None,
     progress: bool = True,
     flip: bool = False,
+    augment: bool = False,
 ) -> Iterator[EmbeddedBatch]:
     """Embed `samples` with a Ray Data actor pool, yielding batches as they finish.
 
@@ -213,6 +226,7 @@ def iter_gallery_embeddings(
         num_gpus: GPUs per actor; None = 1 when the Ray cluster has GPUs, else 0.
         progress: show a progress bar (images embedded).
         flip: flip test-time augmentation (mean with the mirrored image's embedding).
+        augment: also embed each mirrored image on its own (`EmbeddedBatch.flipped`).
 
     Yields:
         EmbeddedBatch per block, in sample order.
@@ -243,7 +257,11 @@ def iter_gallery_embeddings(
     )
     ds = ds.map_batches(
         GalleryEmbedder,
-        fn_constructor_kwargs={"checkpoint": str(checkpoint_file(checkpoint)), "flip": flip},
+        fn_constructor_kwargs={
+            "checkpoint": str(checkpoint_file(checkpoint)),
+            "flip": flip,
+            "augment": augment,
+        },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
@@ -259,6 +277,11 @@ def iter_gallery_embeddings(
                 ids=[str(i) for i in batch["item_id"][ok]],
                 vectors=np.ascontiguousarray(batch["embedding"][ok], dtype=np.float32),
                 skipped=[str(e) for e in errors[~ok]],
+                flipped=(
+                    np.ascontiguousarray(batch["flipped"][ok], dtype=np.float32)
+                    if augment
+                    else None
+                ),
             )
 
 
@@ -277,6 +300,7 @@ def build_gallery_index(
     num_gpus: float | None = None,
     progress: bool = True,
     tta: str = "none",
+    augment: str = "none",
 ) -> dict[str, Any]:
     """Embed a gallery and write (or top up) a sharded index at `out`.
 
@@ -295,9 +319,13 @@ def build_gallery_index(
         batch_size, concurrency, num_gpus, progress: see `iter_gallery_embeddings`.
         tta: "none" or "flip" (each item's embedding averaged with its mirror image's);
             recorded in the manifest, so the service and jobs/search.py embed queries alike.
+        augment: "none" or "flip": also index each item's mirror image as a second view
+            (searches still return each item once, with its best view); recorded in the
+            manifest, so the service's gallery writes add both views too.
 
     Returns:
-        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta.
+        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta,
+        augment.
 
     Raises:
         DatasetError: unusable gallery. IndexBuildError: an index type the data cannot train,
@@ -305,6 +333,13 @@ def build_gallery_index(
     """
     if tta not in TTA_MODES:
         raise IndexBuildError(f"--tta {tta!r}: choose one of {TTA_MODES}")
+    if augment not in AUGMENT_MODES:
+        raise IndexBuildError(f"--augment {augment!r}: choose one of {AUGMENT_MODES}")
+    if augment == "flip" and tta == "flip":
+        raise IndexBuildError(
+            "--augment flip with --tta flip would index the same vector twice (a flip-averaged "
+            "embedding is its mirror's too); choose one"
+        )
     out = Path(out).expanduser().resolve()
     ckpt = checkpoint_file(checkpoint).parent.resolve()
     model, config = load_model(ckpt)  # on the driver only for its dimension and settings
@@ -322,33 +357,50 @@ def build_gallery_index(
         },
         "normalized": True,
         "tta": tta,
+        "augment": augment,
     }
     index = _open_or_create(out, dim, num_shards, index_type, extra)
     by_id = {s.item_id: s for s in samples}
     pending_ids: list[str] = []
     pending: list[np.ndarray] = []
+    pending_flipped: list[np.ndarray] = []
     skipped: list[str] = []
 
     def flush() -> None:
         if not pending_ids:
             return
         vectors = np.concatenate(pending)
+        flipped = np.concatenate(pending_flipped) if pending_flipped else None
         if not index.is_trained:
-            _train(index, vectors)
+            _train(index, vectors if flipped is None else np.concatenate([vectors, flipped]))
         for start in range(0, len(pending_ids), _ADD_CHUNK):
             ids = pending_ids[start : start + _ADD_CHUNK]
+            chunk = slice(start, start + _ADD_CHUNK)
             index.add(
-                ids, vectors[start : start + _ADD_CHUNK], [sample_metadata(by_id[i]) for i in ids]
+                ids,
+                vectors[chunk],
+                [sample_metadata(by_id[i]) for i in ids],
+                views=None if flipped is None else {"flip": flipped[chunk]},
             )
         pending_ids.clear()
         pending.clear()
+        pending_flipped.clear()
 
     try:
         for batch in iter_gallery_embeddings(
-            samples, ckpt, batch_size, concurrency, num_gpus, progress, flip=tta == "flip"
+            samples,
+            ckpt,
+            batch_size,
+            concurrency,
+            num_gpus,
+            progress,
+            flip=tta == "flip",
+            augment=augment == "flip",
         ):
             pending_ids.extend(batch.ids)
             pending.append(batch.vectors)
+            if batch.flipped is not None:
+                pending_flipped.append(batch.flipped)
             skipped.extend(batch.skipped)
             # An untrained IVF/PQ index waits for a training sample; others add as they go.
             if len(pending_ids) >= (_ADD_CHUNK if index.is_trained else _TRAIN_SAMPLE):
@@ -367,6 +419,7 @@ def build_gallery_index(
             "index_type": index.index_type,
             "format": fmt,
             "tta": tta,
+            "augment": augment,
         }
     finally:
         index.close()
@@ -404,6 +457,9 @@ def _open_or_create(
     old_tta = manifest.get("extra", {}).get("tta", "none")
     if old_tta != extra["tta"]:
         differ.append(f"tta {old_tta!r} (asked {extra['tta']!r})")
+    old_augment = manifest.get("extra", {}).get("augment", "none")
+    if old_augment != extra["augment"]:
+        differ.append(f"augment {old_augment!r} (asked {extra['augment']!r})")
     if differ:
         raise IndexBuildError(
             f"{out} holds an index built with other settings: {'; '.join(differ)}. "

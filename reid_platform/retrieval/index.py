@@ -58,6 +58,13 @@ Removal: indexes that support `remove_ids` (Flat, IVF*, PQ) drop the vectors. Th
 number of tombstones and filters them out, and `compact()` (run by `save()` once tombstones
 exceed a quarter of the index) rebuilds the index from the db without them.
 
+Views (gallery augmentation, `jobs/build_index.py --augment flip`): an item may also hold
+extra views, each one more stored vector (`add(..., views={"flip": vectors})`) under the
+internal id `<id>\x1f<view>` with the item's metadata, in the item's shard. Searches fetch
+enough rows to collapse the views and return each item once, with its best view's score (exact
+on Flat shards, filters included); `remove` and an upsert without the view drop it; counts and
+ids are the items'.
+
 Scores: metric "ip" (the default; vectors must be L2-normalised, so score = cosine similarity)
 returns inner products; metric "l2" returns negative squared distances. Either way larger is
 better, which is what `merge_topk` relies on.
@@ -156,9 +163,24 @@ def check_filter(spec: Mapping[str, Any] | None, name: str = "where") -> dict[st
     return out
 
 
+VIEW_SEP = "\x1f"  # joins an item id and a view name; item ids may not contain it
+VIEWS = ("flip",)  # the extra views an item may hold (gallery augmentation)
+
+
+def view_id(item_id: str, view: str) -> str:
+    """The stored id of an item's extra view."""
+    return f"{item_id}{VIEW_SEP}{view}"
+
+
+def base_id(stored_id: str) -> str:
+    """The item id of a stored id (a view's, or the item's own)."""
+    return stored_id.split(VIEW_SEP, 1)[0]
+
+
 def shard_of(item_id: str, num_shards: int) -> int:
-    """Shard that holds `item_id`: crc32 of its UTF-8 bytes mod `num_shards` (stable)."""
-    return zlib.crc32(item_id.encode("utf-8")) % num_shards
+    """Shard that holds `item_id` (and its views): crc32 of its UTF-8 bytes mod `num_shards`
+    (stable)."""
+    return zlib.crc32(base_id(item_id).encode("utf-8")) % num_shards
 
 
 def merge_topk(results: Sequence[SearchResult], k: int | None = None) -> SearchResult:
@@ -258,6 +280,7 @@ class Shard:
                     self._db.execute("SELECT label, item_id FROM items")
                 )
                 self._id_to_label = {i: label for label, i in self._label_to_id.items()}
+                self._num_views = sum(VIEW_SEP in i for i in self._id_to_label)
                 self._index = self._load_snapshot()
             finally:
                 self._db.execute("COMMIT")
@@ -268,10 +291,11 @@ class Shard:
     # ---------------------------------------------------------------- properties
     @property
     def count(self) -> int:
-        """Number of live items in the shard (including other writers' commits)."""
+        """Number of live items in the shard (including other writers' commits; an item's
+        views are not counted)."""
         with self._lock:
             self._catch_up()
-            return len(self._label_to_id)
+            return len(self._label_to_id) - self._num_views
 
     def __len__(self) -> int:
         return self.count
@@ -279,7 +303,7 @@ class Shard:
     def __contains__(self, item_id: object) -> bool:
         with self._lock:
             self._catch_up()
-            return item_id in self._id_to_label
+            return item_id in self._id_to_label and VIEW_SEP not in str(item_id)
 
     @property
     def is_trained(self) -> bool:
@@ -300,6 +324,7 @@ class Shard:
         ids: Sequence[str],
         vectors: np.ndarray,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        views: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add items, replacing the vector and metadata of ids already present (upsert).
 
@@ -310,12 +335,16 @@ class Shard:
             ids: N unique string ids; all must belong to this shard (`shard_of`).
             vectors: (N, dim) float32, L2-normalised when the metric is "ip".
             metadata: N JSON-serialisable dicts (path, pid, camid, ...); None stores {}.
+            views: extra views of the same items, {view name in VIEWS: (N, dim) vectors};
+                searches return each item once, with its best view's score. An upsert
+                without a view drops the item's old vector of that view.
 
         Raises:
-            ValueError: bad ids, vectors or metadata (nothing is written).
+            ValueError: bad ids, vectors, views or metadata (nothing is written).
             ShardLockedError: another writer held the shard's write lock too long.
         """
         ids, vectors, rows_meta = _check_items(ids, vectors, metadata, self.dim, self.metric)
+        view_vectors = _check_views(views, ids, self.dim, self.metric)
         foreign = [i for i in ids if shard_of(i, self.num_shards) != self.shard_id]
         if foreign:
             raise ValueError(
@@ -324,6 +353,10 @@ class Shard:
             )
         if not ids:
             return
+        # Each view is one more stored row with the item's metadata (filters see it too).
+        stored = ids + [view_id(i, v) for v in view_vectors for i in ids]
+        vectors = np.concatenate([vectors, *view_vectors.values()]) if view_vectors else vectors
+        rows_meta = rows_meta * (1 + len(view_vectors))
         with self._lock:
             with self._writing():  # all of it is on disk, or none of it
                 if not self._index.is_trained:
@@ -332,28 +365,29 @@ class Shard:
                 # The next label comes from the db, under the write lock: unique across every
                 # writer and never reused, even after deletes.
                 first = int(self._get_setting("next_label"))
-                labels = np.arange(first, first + len(ids), dtype=np.int64)
-                replaced = [self._id_to_label[i] for i in ids if i in self._id_to_label]
-                self._db.executemany(
-                    "DELETE FROM items WHERE item_id = ?",
-                    [(i,) for i in ids if i in self._id_to_label],
-                )
+                labels = np.arange(first, first + len(stored), dtype=np.int64)
+                gone = [view_id(i, v) for i in ids for v in VIEWS if v not in view_vectors]
+                old = [i for i in stored + gone if i in self._id_to_label]
+                replaced = [self._id_to_label[i] for i in old]
+                self._db.executemany("DELETE FROM items WHERE item_id = ?", [(i,) for i in old])
                 self._db.executemany(
                     "INSERT INTO items (label, item_id, vector, metadata) VALUES (?, ?, ?, ?)",
                     [
                         (int(label), item_id, vec.tobytes(), meta)
-                        for label, item_id, vec, meta in zip(labels, ids, vectors, rows_meta)
+                        for label, item_id, vec, meta in zip(labels, stored, vectors, rows_meta)
                     ],
                 )
                 self._set_setting("next_label", int(labels[-1]) + 1)
             # Committed: now the in-memory index (same thread lock, so readers see all or none).
             self._drop_labels(replaced)
-            for label in replaced:
+            for label, item_id in zip(replaced, old):
                 del self._label_to_id[label]
+                del self._id_to_label[item_id]
             self._index.add_with_ids(vectors, labels)
-            for label, item_id in zip(labels.tolist(), ids):
+            for label, item_id in zip(labels.tolist(), stored):
                 self._label_to_id[label] = item_id
                 self._id_to_label[item_id] = label
+            self._num_views += len(stored) - len(ids) - sum(VIEW_SEP in i for i in old)
             self._changed()
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -372,12 +406,15 @@ class Shard:
                 unknown = [i for i in ids if i not in self._id_to_label]
                 if unknown:
                     raise UnknownIdError(unknown)
-                labels = [self._id_to_label[i] for i in ids]
+                views = [view_id(i, v) for i in ids for v in VIEWS]  # an item's views go too
+                stored = ids + [i for i in views if i in self._id_to_label]
+                labels = [self._id_to_label[i] for i in stored]
                 self._db.executemany("DELETE FROM items WHERE label = ?", [(x,) for x in labels])
             self._drop_labels(labels)
-            for label, item_id in zip(labels, ids):
+            for label, item_id in zip(labels, stored):
                 del self._label_to_id[label]
                 del self._id_to_label[item_id]
+            self._num_views -= len(stored) - len(ids)
             self._changed()
             return len(ids)
 
@@ -437,7 +474,7 @@ class Shard:
         """
         with self._lock:
             scores, labels = self._search_labels(queries, k, where, exclude)
-            return scores, [[self._label_to_id[x] for x in row] for row in labels]
+            return scores, [[base_id(self._label_to_id[x]) for x in row] for row in labels]
 
     def search_with_metadata(
         self,
@@ -465,7 +502,7 @@ class Shard:
         for row_scores, row in zip(scores, labels):
             keep = [j for j, x in enumerate(row) if x in found]
             rows_scores.append(row_scores[keep])
-            rows_ids.append([found[row[j]][0] for j in keep])
+            rows_ids.append([base_id(found[row[j]][0]) for j in keep])
             rows_meta.append([json.loads(found[row[j]][1]) for j in keep])
         return _pad_scores(rows_scores, len(queries)), rows_ids, rows_meta
 
@@ -531,7 +568,8 @@ class Shard:
             self._catch_up()
             return {
                 "shard_id": self.shard_id,
-                "count": len(self._label_to_id),
+                "count": len(self._label_to_id) - self._num_views,
+                "views": self._num_views,
                 "ntotal": int(self._index.ntotal),
                 "tombstones": self._tombstones(),
                 "is_trained": bool(self._index.is_trained),
@@ -597,6 +635,7 @@ class Shard:
         """Bring the item map and the FAISS index up to the db (inside a transaction)."""
         self._label_to_id = dict(self._db.execute("SELECT label, item_id FROM items"))
         self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
+        self._num_views = sum(VIEW_SEP in i for i in self._id_to_label)
         template = self._get_setting("template")
         if template != self._template and self._index.ntotal == 0:
             self._template = template
@@ -653,10 +692,12 @@ class Shard:
         selector, allowed = self._selector(where, exclude)
         if allowed == 0:
             return no_hits
+        # Views: an item fills at most 1 + len(VIEWS) rows, so k items are in that many k rows.
+        want = k * (1 + len(VIEWS)) if self._num_views else k
         # Tombstones can fill the top of a row, so fetch past them and filter.
-        fetch = min(k + self._tombstones(), int(self._index.ntotal))
+        fetch = min(want + self._tombstones(), int(self._index.ntotal))
         if where:
-            fetch = min(k, allowed)  # the selector admits live matching labels only
+            fetch = min(want, allowed)  # the selector admits live matching labels only
         if selector is None:
             distances, labels = self._searcher(fetch).search(queries, fetch)  # (Q, fetch)
         else:
@@ -665,7 +706,16 @@ class Shard:
         scores = -distances if self.metric == "l2" else distances
         rows_scores, rows_labels = [], []
         for row_scores, row_labels in zip(scores, labels.tolist()):
-            keep = [j for j, x in enumerate(row_labels) if x in self._label_to_id][:k]
+            keep = [j for j, x in enumerate(row_labels) if x in self._label_to_id]
+            if self._num_views:  # each item once: its first (best) row
+                seen: set[str] = set()
+                keep = [
+                    j
+                    for j in keep
+                    if (i := base_id(self._label_to_id[row_labels[j]])) not in seen
+                    and not seen.add(i)
+                ]
+            keep = keep[:k]
             rows_scores.append(row_scores[keep])
             rows_labels.append([row_labels[j] for j in keep])
         return _pad_scores(rows_scores, len(queries)), rows_labels
@@ -1063,6 +1113,7 @@ class ShardedIndex:
         ids: Sequence[str],
         vectors: np.ndarray,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        views: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add or replace items (upsert: an existing id gets the new vector and metadata).
 
@@ -1073,14 +1124,19 @@ class ShardedIndex:
             ids: N unique string ids.
             vectors: (N, dim) float32, L2-normalised for metric "ip".
             metadata: N JSON-serialisable dicts; None stores {}.
+            views: extra views of the items, {view: (N, dim)} (see `Shard.add`).
         """
         ids, vectors, _ = _check_items(ids, vectors, metadata, self.dim, self.metric)
+        view_vectors = _check_views(views, ids, self.dim, self.metric)
         metadata = [{}] * len(ids) if metadata is None else list(metadata)
         if not self.is_trained and ids:
             self.train(vectors)
         for shard_id, rows in self._group_by_shard(ids).items():
             self.shards[shard_id].add(
-                [ids[r] for r in rows], vectors[rows], [metadata[r] for r in rows]
+                [ids[r] for r in rows],
+                vectors[rows],
+                [metadata[r] for r in rows],
+                {name: v[rows] for name, v in view_vectors.items()},
             )
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -1274,7 +1330,25 @@ def _check_ids(ids: Sequence[str]) -> list[str]:
     for pos, item_id in enumerate(ids):
         if not isinstance(item_id, str) or not item_id:
             raise TypeError(f"ids must be non-empty strings, got {item_id!r} at position {pos}")
+        if VIEW_SEP in item_id:
+            raise ValueError(
+                f"id {item_id!r} at position {pos} contains U+001F (it joins ids and view names)"
+            )
     return ids
+
+
+def _check_views(
+    views: Mapping[str, np.ndarray] | None, ids: Sequence[str], dim: int, metric: str
+) -> dict[str, np.ndarray]:
+    """Validated {view: (N, dim) float32} for the N `ids` of one add()."""
+    if not views:
+        return {}
+    out = {}
+    for name, vectors in views.items():
+        if name not in VIEWS:
+            raise ValueError(f"view {name!r} is not known; views are {list(VIEWS)}")
+        out[name] = _check_items(ids, vectors, None, dim, metric)[1]
+    return out
 
 
 def _check_items(
