@@ -106,6 +106,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.models import ModelError
     from reid_platform.runtime import DeviceError
+    from reid_platform.tracking import RegistryError
 
     return (
         ConfigError,
@@ -114,6 +115,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         EvaluationError,
         DeviceError,
+        RegistryError,
         FileNotFoundError,
     )
 

@@ -577,6 +577,40 @@ def is_model_uri(value: str | os.PathLike) -> bool:
     return isinstance(value, str) and value.startswith(("models:/", "runs:/"))
 
 
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """Split a model URI without contacting any store.
+
+    Returns:
+        ("runs", run_id, path) or ("models", name, "@alias" | "version" | "latest").
+
+    Raises:
+        RegistryError: not one of the accepted forms; the message names the URI.
+    """
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        if not run_id:
+            raise RegistryError(f"{uri}: expected runs:/RUN_ID/PATH (e.g. runs:/<id>/model)")
+        return "runs", run_id, path.strip("/") or MODEL_ARTIFACT
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS, models:/NAME/VERSION "
+                            "or runs:/RUN_ID/PATH)")
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        ref = f"@{alias}" if alias and "/" not in alias else ""
+    else:
+        name, _, ref = rest.partition("/")
+        ref = "" if "/" in ref else ref
+    if not name or not ref:
+        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if not (ref.startswith("@") or ref.isdigit() or ref == "latest"):
+        raise RegistryError(
+            f"{uri}: {ref!r} is not a version number; stages are deprecated, use an alias: "
+            f"models:/{name}@{ref.lower()}"
+        )
+    return "models", name, ref
+
+
 def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest` or
     `runs:/RUN_ID/PATH` against the registry / tracking store.
@@ -585,30 +619,17 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> ResolvedMode
         RegistryError: malformed URI, unknown model, version, alias or run; the message names
             it, the store, and what exists instead.
     """
+    kind, key, ref = parse_model_uri(uri)
     tracking_uri = tracking_uri or default_tracking_uri()
     check_store(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        if not run_id:
-            raise RegistryError(f"{uri}: expected runs:/RUN_ID/PATH (e.g. runs:/<id>/model)")
+    if kind == "runs":
         try:
-            client.get_run(run_id)
+            client.get_run(key)
         except mlflow.exceptions.MlflowException:
-            raise RegistryError(f"{uri}: no run {run_id!r} in {tracking_uri}") from None
-        return ResolvedModel(uri, "runs", run_id, path=path.strip("/") or MODEL_ARTIFACT)
-    if not uri.startswith("models:/"):
-        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS, models:/NAME/VERSION "
-                            "or runs:/RUN_ID/PATH)")
-    rest = uri.removeprefix("models:/").strip("/")
-    if "@" in rest:
-        name, _, alias = rest.partition("@")
-        version_ref = ""
-    else:
-        name, _, version_ref = rest.partition("/")
-        alias = ""
-    if not name or not (alias or version_ref) or "/" in alias or "/" in version_ref:
-        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+            raise RegistryError(f"{uri}: no run {key!r} in {tracking_uri}") from None
+        return ResolvedModel(uri, "runs", key, path=ref)
+    name = key
     try:
         registered = client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -617,6 +638,8 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> ResolvedMode
             f"{uri}: no registered model {name!r} in {tracking_uri}"
             + (f" (registered models: {', '.join(known)})" if known else " (it has none)")
         ) from None
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    alias = ref[1:] if ref.startswith("@") else ""
     if alias:
         aliases = dict(registered.aliases or {})
         if alias not in aliases:
@@ -625,29 +648,24 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> ResolvedMode
                 f"{uri}: model {name!r} has no alias {alias!r} (its aliases: {listed}); set one "
                 f"with `python jobs/promote.py --model {name} --version V --alias {alias}`"
             )
-        mv = client.get_model_version(name, str(aliases[alias]))
-    elif version_ref == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
+        version = str(aliases[alias])
+    elif ref == "latest":
+        if not numbers:
             raise RegistryError(f"{uri}: model {name!r} has no versions")
-        mv = max(versions, key=lambda v: int(v.version))
-    elif version_ref.isdigit():
-        try:
-            mv = client.get_model_version(name, version_ref)
-        except mlflow.exceptions.MlflowException:
-            numbers = sorted(int(v.version) for v in
-                             client.search_model_versions(f"name = '{name}'"))
+        version = str(numbers[-1])
+    else:
+        version = ref
+        if int(version) not in numbers:
             have = f"{numbers[0]}..{numbers[-1]}" if numbers else "none"
             raise RegistryError(
-                f"{uri}: model {name!r} has no version {version_ref} (versions: {have})"
-            ) from None
-    else:
-        raise RegistryError(
-            f"{uri}: {version_ref!r} is not a version number; stages are deprecated, use an "
-            f"alias: models:/{name}@{version_ref.lower()}"
-        )
+                f"{uri}: model {name!r} has no version {version} (versions: {have})"
+            )
+    mv = client.get_model_version(name, version)
+    model_id = getattr(mv, "model_id", "") or ""
+    if not model_id and str(mv.source).startswith("models:/m-"):
+        model_id = str(mv.source).removeprefix("models:/")
     return ResolvedModel(uri, "models", mv.run_id or "", name=name, version=str(mv.version),
-                         alias=alias, model_id=getattr(mv, "model_id", "") or "")
+                         alias=alias, model_id=model_id)
 
 
 def download_model_checkpoint(resolved: ResolvedModel, tracking_uri: str, dst: Path) -> Path:
@@ -741,3 +759,42 @@ def _float_tag(tags: Mapping[str, str], key: str) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return None if value != value else value  # NaN is no score
+
+
+def record_sweep_best(
+    config: Config, uri: str, run_id: str, checkpoint_path: str | None, parent_run_id: str
+) -> Any:
+    """Register the best trial of a sweep: its final reported checkpoint as an MLflow Model in
+    its own (child) run, the sweep's dataset as that run's dataset input, and a registry
+    version tagged with the sweep's parent run (`record_model`).
+
+    Args:
+        config: the best trial's config (the sweep's with the best trial's values).
+        run_id: the best trial's MLflow child run.
+        checkpoint_path: its last reported Ray Train checkpoint (a local path or a URI of the
+            sweep's storage, e.g. s3://...); None: nothing to register (said so).
+
+    Returns:
+        The ModelVersion, or None.
+    """
+    import tempfile
+
+    from reid_platform.data.root import load_config_dataset
+
+    if not run_id or not checkpoint_path:
+        print("[tune] the best trial left no MLflow run or checkpoint: nothing registered",
+              flush=True)
+        return None
+    registered = MlflowClient(uri).get_run(run_id).data.tags.get("registered_model_version")
+    if registered:  # a finished sweep summarised again
+        print(f"[tune] best trial already registered as models:/{registered}", flush=True)
+        name, _, version = registered.rpartition("/")
+        return MlflowClient(uri, registry_uri=uri).get_model_version(name, version)
+    dataset = load_config_dataset(config, report=False)
+    if "://" not in checkpoint_path:
+        return record_model(config, uri, run_id, checkpoint_path, dataset, parent_run_id)
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage
+        local = ray.train.Checkpoint(checkpoint_path).to_directory(tmp)
+        return record_model(config, uri, run_id, local, dataset, parent_run_id)

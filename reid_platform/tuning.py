@@ -37,7 +37,13 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 
 from reid_platform.config import Config, ConfigError, TuneConfig, load_config, save_config
 from reid_platform.runtime import init_ray
-from reid_platform.tracking import RunLogger, ensure_experiment, resolve_tracking_uri, start_run
+from reid_platform.tracking import (
+    RunLogger,
+    ensure_experiment,
+    record_sweep_best,
+    resolve_tracking_uri,
+    start_run,
+)
 from reid_platform.training.trainer import build_trainer, prepare_data, resolve_use_gpu
 
 # Metrics the training loop reports at every evaluation; all of them are higher-is-better.
@@ -567,6 +573,10 @@ def _summarise(
         }
     )
     parent.end()
+    # The best trial's model in the registry, tagged with this sweep (unless tracking.register
+    # is false); its checkpoint is the one reported with the metric it was chosen by.
+    record_sweep_best(best_config, uri, best["mlflow_run_id"],
+                      _reported_checkpoint(results, best["trial_id"]), parent_run_id)
     return SweepResult(
         best_path,
         best_metrics,
@@ -578,6 +588,14 @@ def _summarise(
         experiment_path,
         method,
     )
+
+
+def _reported_checkpoint(results: tune.ResultGrid, trial_id: str) -> str | None:
+    """The Ray Train checkpoint a trial last reported to Tune (its `checkpoint_path`)."""
+    for result in results:
+        if (result.metrics or {}).get("trial_id") == trial_id:
+            return result.metrics.get("checkpoint_path")
+    return None
 
 
 def plot_scores(

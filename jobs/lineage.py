@@ -1,0 +1,43 @@
+"""Print where an index's model came from: sweep run -> training run -> model version -> index.
+
+    python jobs/lineage.py --index ~/reid-platform/index
+    python jobs/lineage.py --index DIR --json          # the chain as one JSON object
+
+The links are read from the index manifest, its checkpoint (the MLflow run that wrote it; for a
+checkpoint fetched by model URI, the registered version) and the MLflow store
+(`--tracking-uri`, else what the records name, else $MLFLOW_TRACKING_URI or the workspace's
+SQLite file). A link that cannot be followed is reported in a `note:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument("--index", required=True, help="index directory (with manifest.json)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store to look runs up in")
+    parser.add_argument("--json", action="store_true", help="print the chain as JSON")
+    _cli.add_verbose_arg(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    _cli.configure_console(args.verbose)
+    from reid_platform.lineage import format_lineage, index_lineage, lineage_json
+
+    chain = index_lineage(args.index, args.tracking_uri or None)
+    print(lineage_json(chain) if args.json else format_lineage(chain))
+    return chain
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)
