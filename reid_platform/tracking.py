@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +234,21 @@ def using_store(uri: str) -> Iterator[None]:
 
     Parts of MLflow ignore the URI given to a client or call and use the process-wide one:
     `Model.log`, the SQLite registry's check of a logged model, and downloads of `models:/`
-    artifacts. A driver may talk to several stores, so the setting is restored afterwards.
+    artifacts. A driver may talk to several stores, so the setting is restored afterwards,
+    and so is $MLFLOW_TRACKING_URI, which MLflow sets (and on restoring "unset", deletes).
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.tracking._tracking_service import utils
 
-    with _use_tracking_uri(uri):
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
         yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def default_tracking_uri(workspace: str = "") -> str:
@@ -424,7 +434,9 @@ def log_reid_model(uri: str, run_id: str, checkpoint: str | Path) -> Any:
         experiment_id = client.get_run(run_id).info.experiment_id
         logged = client.create_logged_model(experiment_id, name=MODEL_ARTIFACT,
                                             source_run_id=run_id)
-        with using_store(uri):
+        with using_store(uri), warnings.catch_warnings():
+            # the signature describes the input; an example would run the model at logging
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = Model.log(
                 artifact_path=None,
                 name=MODEL_ARTIFACT,
