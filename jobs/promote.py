@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
+from pathlib import Path
 
 import _cli
 
@@ -38,8 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "workspace's SQLite file)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a throw-away store with two versions of a tiny model: list them "
+                        "and promote the best by score")
     _cli.add_verbose_arg(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke-test" in argv and "--model" not in argv:
+        argv += ["--model", "smoke"]
     args = parser.parse_args(argv)
+    if args.smoke_test:  # promote the better of the two throw-away versions
+        args.best_by, args.version = args.best_by or "score", None
+        args.alias = args.alias or "production"
     if not args.list:
         if not args.alias:
             parser.error("--alias is required (or --list)")
@@ -76,6 +88,17 @@ def list_versions(uri: str, name: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     _cli.configure_console(args.verbose)
+    if args.smoke_test:
+        with tempfile.TemporaryDirectory(prefix="promote-smoke-") as tmp:
+            uri, args.model = _cli.smoke_registry(Path(tmp))
+            args.tracking_uri = uri
+            list_args = argparse.Namespace(**{**vars(args), "list": True})
+            run(list_args)
+            return run(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     from reid_platform.tracking import default_tracking_uri, promote
 
     uri = args.tracking_uri or default_tracking_uri()

@@ -147,6 +147,10 @@ def cached_model_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
         resolve_model_uri,
     )
 
+    if tracking_uri is None:
+        cached = _cached_pinned(uri)
+        if cached is not None:
+            return cached
     tracking_uri = tracking_uri or default_tracking_uri()
     try:
         resolved = resolve_model_uri(uri, tracking_uri)
@@ -177,6 +181,28 @@ def cached_model_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
         os.replace(downloaded, file)
     print(f"[model] {uri} -> {resolved.pinned_uri} (cached at {folder})", flush=True)
     return file
+
+
+def _cached_pinned(uri: str) -> Path | None:
+    """The cached checkpoint of a URI naming one immutable thing (`models:/NAME/VERSION`,
+    `runs:/RUN/PATH`), found without asking any store: a Ray worker reading
+    `train.resume_from: models:/demo/3` uses the copy its driver fetched, whatever store its
+    own environment names. None when not cached, or cached from several stores."""
+    from reid_platform.config import resolve_workspace
+    from reid_platform.tracking import RegistryError, parse_model_uri
+
+    try:
+        kind, _, ref = parse_model_uri(uri)
+    except RegistryError:
+        return None
+    if kind == "models" and not ref.isdigit():
+        return None  # an alias or "latest" may point elsewhere by now
+    matches = []
+    for source in (resolve_workspace() / MODEL_CACHE).glob(f"*/{kind}/**/{SOURCE_FILE}"):
+        info = model_source(source.parent)
+        if info and info.get("pinned_uri") == uri and (source.parent / CHECKPOINT_FILE).is_file():
+            matches.append(source.parent / CHECKPOINT_FILE)
+    return matches[0] if len(matches) == 1 else None
 
 
 def model_cache_dir(resolved, tracking_uri: str) -> Path:

@@ -39,19 +39,24 @@ class ReidEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.model, config = load_model(context.artifacts["checkpoint"], self.device)
         self.transform = build_eval_transform(config.data.height, config.data.width)
 
+    # model_input is hinted np.ndarray alone: MLflow infers no schema from it (the logged
+    # signature is explicit); a union or dict hint makes MLflow warn at every load.
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params=None
     ) -> np.ndarray:
         """Embed a batch of images.
 
         Args:
-            model_input: (N, H, W, 3) uint8 RGB images (one size for the whole batch).
+            model_input: (N, H, W, 3) uint8 RGB images (one size for the whole batch), as an
+                array or as {"images": array} (the signature's tensor name).
 
         Returns:
             (N, D) float32, each row L2-normalised (cosine similarity = dot product).
         """
         import torch
 
+        if isinstance(model_input, dict):  # the signature names the tensor: {"images": ...}
+            model_input = model_input["images"]
         images = np.asarray(model_input)
         if images.ndim == 3:  # a single image
             images = images[None]

@@ -303,6 +303,26 @@ def test_pyfunc_maps_images_to_the_models_embeddings(server, trained):
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def test_promote_and_lineage_smoke_tests(tmp_path, monkeypatch):
+    """`--smoke-test` of promote and lineage: a throw-away store with versions 1 (score 0.25)
+    and 2 (0.5); the best by score is promoted, and the lineage of an index built from
+    models:/smoke@production names version 2 and the run that logged it."""
+    import importlib
+
+    promote_job = importlib.import_module("promote")
+    lineage_job = importlib.import_module("lineage")
+    monkeypatch.setenv("REID_PLATFORM_HOME", str(tmp_path))  # restored after the jobs set it
+    result = promote_job.main(["--smoke-test"])
+    assert (result["model"], result["alias"], result["version"]) == ("smoke", "production", "2")
+    assert float(result["score"]) == 0.5
+    chain = lineage_job.main(["--smoke-test", "--json"])
+    assert chain["model"]["uri"] == "models:/smoke/2"
+    assert chain["model"]["source_uri"] == "models:/smoke@production"
+    assert chain["model"]["tags"]["run_id"] == chain["training_run"]["run_id"]
+    assert float(chain["model"]["tags"]["score"]) == 0.5
+    assert chain["index"]["count"] == 0 and chain["sweep_run"] is None
+
+
 @pytest.mark.slow
 def test_register_false_logs_the_model_only(server, tiny_market, tmp_path):
     from mlflow.tracking import MlflowClient
