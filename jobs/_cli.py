@@ -65,7 +65,7 @@ def smoke_checkpoint(directory: Path) -> tuple[Path, Path]:
             "data.width": 32,
         }
     )
-    model = build_model(config.model, num_classes=params["num_train_ids"])
+    model = build_model(config.model, num_classes=params["num_train_ids"], input_size=(64, 32))
     return save_checkpoint(directory / "checkpoints" / "smoke", model, config, 0), root
 
 
@@ -105,6 +105,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.data.formats import DatasetError
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.models import ModelError
+    from reid_platform.pseudo.clustering import ClusteringError
+    from reid_platform.pseudo.distances import DistanceError
     from reid_platform.runtime import DeviceError
     from reid_platform.tracking import RegistryError
 
@@ -116,6 +118,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         EvaluationError,
         DeviceError,
         RegistryError,
+        ClusteringError,
+        DistanceError,
         FileNotFoundError,
     )
 

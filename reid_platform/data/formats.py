@@ -768,6 +768,7 @@ def load_csv(
     manifest: str | Path,
     *,
     need_train: bool = True,
+    need_test: bool = True,
     allow_outside_root: bool = False,
     encoding: str = "utf-8",
 ) -> ReidDataset:
@@ -781,6 +782,11 @@ def load_csv(
     then gets 0 and gallery 1. The file is `encoding` (a UTF-8 byte-order mark is accepted);
     bytes that are not are an error naming the line, as the encoding cannot be guessed
     reliably (latin-1 decodes any bytes, wrongly).
+
+    Args:
+        manifest: the CSV file, or a folder holding exactly one.
+        need_train: the train split must have rows (not for an evaluation-only dataset).
+        need_test: query and gallery must have rows (not for an extra training source).
 
     Raises:
         DatasetError: naming the file and line of the first row that breaks a rule.
@@ -857,7 +863,8 @@ def load_csv(
     except csv.Error as err:
         raise DatasetError(f"{manifest}:{reader.line_num}: not valid CSV ({err})") from None
     for split, samples in splits.items():
-        if not samples and (split != "train" or need_train):
+        needed = need_train if split == "train" else need_test
+        if not samples and needed:
             raise DatasetError(f"{manifest}: no rows with split={split}")
     return ReidDataset(manifest.stem, base, splits["train"], splits["query"], splits["gallery"])
 
