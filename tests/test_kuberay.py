@@ -161,9 +161,23 @@ def test_serve_config_is_what_serve_build_writes(ray_session):
     embedded config must be exactly its output (else: python deploy/kuberay/render.py)."""
     text = SERVICE.read_text()
     args, shards = render.manifest_app(text)
-    assert render.serve_build(args, shards) == render.embedded_config(text), (
+    nodes = render.cluster_nodes(text)  # the head (0 CPUs) and the GPU node (8 CPUs, 1 GPU)
+    assert nodes == [{"CPU": 0.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert render.serve_build(args, shards, nodes) == render.embedded_config(text), (
         "deploy/kuberay/rayservice-retrieval.yaml is stale: run python deploy/kuberay/render.py"
     )
+
+
+@pytest.mark.slow
+def test_render_sizes_the_app_to_the_manifests_cluster(ray_session):
+    """The app is checked against the RayService's nodes, not the machine rendering it: more
+    Embedder CPUs than the GPU node has is refused naming both."""
+    from serve_apps.retrieval import ResourceFitError
+
+    text = SERVICE.read_text()
+    args, shards = render.manifest_app(text)
+    with pytest.raises(ResourceFitError, match="its largest node has 8"):
+        render.serve_build({**args, "embedder_num_cpus": 12}, shards, render.cluster_nodes(text))
 
 
 def _container(pod_spec: dict) -> dict:

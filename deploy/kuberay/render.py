@@ -13,16 +13,19 @@ imported as `serve_apps.retrieval:build_app` with the manifest's `args`: exactly
 deployments, actor options and user_configs the cluster will run. Edit the `args:` (or the
 annotation) in the manifest, then render again.
 
-A local Ray is started if none is running (`build_app` asks Ray for its GPU count).
+A local Ray is started if none is running; `build_app` sizes the app to the cluster, so it is
+shown the manifest's cluster (`cluster_nodes`: the head and worker groups' CPUs and GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +50,53 @@ def manifest_app(manifest_text: str) -> tuple[dict[str, Any], int]:
     return dict(app["args"]), shards
 
 
-def serve_build(args: dict[str, Any], num_shards: int) -> str:
+def cluster_nodes(manifest_text: str) -> list[dict[str, float]]:
+    """The Ray resources ({"CPU", "GPU"}) of every node the RayService's cluster starts: the
+    head and `replicas` nodes of each worker group, each with its `num-cpus` / `num-gpus` start
+    parameter, else its container's CPU and `nvidia.com/gpu` limits (what Ray detects)."""
+    spec = yaml.safe_load(manifest_text)["spec"]["rayClusterConfig"]
+    groups = [(spec["headGroupSpec"], 1)]
+    groups += [(g, int(g.get("replicas", g.get("minReplicas", 1))))
+               for g in spec.get("workerGroupSpecs", [])]
+    nodes = []
+    for group, replicas in groups:
+        params = group.get("rayStartParams") or {}
+        (container, *_) = group["template"]["spec"]["containers"]
+        limits = (container.get("resources") or {}).get("limits") or {}
+        cpu = params.get("num-cpus", limits.get("cpu", 0))
+        cpu = float(cpu[:-1]) / 1000 if str(cpu).endswith("m") else float(cpu)
+        gpu = float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        nodes += [{"CPU": cpu, "GPU": gpu} for _ in range(replicas)]
+    return nodes
+
+
+@contextlib.contextmanager
+def _as_cluster(nodes: list[dict[str, float]]) -> Iterator[None]:
+    """`build_app` sizes and checks the app against `ray.cluster_resources()` / `ray.nodes()`:
+    answer them with the manifest's cluster meanwhile, so the config is the one the target
+    cluster gets, whatever machine renders it (a laptop has no GPU for the Embedder)."""
+    import ray
+
+    total = {"CPU": sum(n["CPU"] for n in nodes), "GPU": sum(n["GPU"] for n in nodes)}
+    saved = ray.cluster_resources, ray.nodes
+    ray.cluster_resources = lambda: dict(total)
+    ray.nodes = lambda: [{"Alive": True, "Resources": dict(n)} for n in nodes]
+    try:
+        yield
+    finally:
+        ray.cluster_resources, ray.nodes = saved
+
+
+def serve_build(args: dict[str, Any], num_shards: int,
+                nodes: list[dict[str, float]] | None = None) -> str:
     """The Serve config `serve build` writes for the retrieval app with `args`, as YAML text.
+
+    Args:
+        nodes: the target cluster's nodes (`cluster_nodes`); None: the running Ray's.
 
     Needs Ray initialised (or starts a local one through `build_app`).
     """
+    import ray
     from click.testing import CliRunner
     from ray.serve.scripts import build
 
@@ -59,6 +104,7 @@ def serve_build(args: dict[str, Any], num_shards: int) -> str:
     from reid_platform.config import Config
     from reid_platform.models import build_model
     from reid_platform.retrieval.index import ShardedIndex
+    from reid_platform.runtime import init_ray
     from serve_apps.retrieval import RetrievalArgs, build_app
 
     RetrievalArgs.model_validate(args)  # the manifest's args must be valid as they are
@@ -73,7 +119,10 @@ def serve_build(args: dict[str, Any], num_shards: int) -> str:
                             extra={"checkpoint": str(checkpoint)})
         stand_in = {**args, "index_dir": str(index_dir), "checkpoint": str(checkpoint)}
         module = types.ModuleType("_reid_render_app")
-        module.app = build_app(RetrievalArgs.model_validate(stand_in))
+        if not ray.is_initialized():
+            init_ray()
+        with _as_cluster(nodes) if nodes is not None else contextlib.nullcontext():
+            module.app = build_app(RetrievalArgs.model_validate(stand_in))
         sys.modules[module.__name__] = module
         out = Path(tmp) / "serve.yaml"
         try:
@@ -141,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(options.manifest)
     text = path.read_text()
     args, shards = manifest_app(text)
-    fresh = serve_build(args, shards)
+    fresh = serve_build(args, shards, cluster_nodes(text))
     if options.check:
         if embedded_config(text) != fresh:
             print(f"{path}: serveConfigV2 differs from `serve build`; run "
