@@ -25,6 +25,30 @@ from reid_platform.tracking import SCORE_TAGS, SWEEP_PARENT_TAG, default_trackin
 MANIFEST_MODEL_KEYS = ("model_uri", "model_version", "model_name", "run_id", "tracking_uri")
 
 
+def model_record(checkpoint: str | Path) -> dict[str, str]:
+    """What an index manifest records about the model it is built with (`MANIFEST_MODEL_KEYS`):
+    for a checkpoint fetched from a model URI (its `source.json` in the model cache) the URI
+    asked, the registered name and version, the run and the store; for any checkpoint the
+    training run it carries (`mlflow_run`). Keys that are unknown are left out.
+
+    Args:
+        checkpoint: a checkpoint directory or `model.pt` (local).
+    """
+    source = model_source(checkpoint) or {}
+    try:
+        recorded = read_checkpoint(checkpoint).get("mlflow_run") or {}
+    except CheckpointError:
+        recorded = {}
+    record = {
+        "model_uri": source.get("uri", ""),
+        "model_name": source.get("name", ""),
+        "model_version": str(source.get("version") or ""),
+        "run_id": source.get("run_id") or recorded.get("run_id", ""),
+        "tracking_uri": source.get("tracking_uri") or recorded.get("tracking_uri", ""),
+    }
+    return {k: v for k, v in record.items() if v}
+
+
 def index_lineage(index_dir: str | Path, tracking_uri: str | None = None) -> dict[str, Any]:
     """Follow the records from an index back to the sweep that produced its model.
 
@@ -147,7 +171,7 @@ def _model_version(client: Any, run_id: str, extra: dict[str, Any],
         "uri": f"models:/{mv.name}/{mv.version}",
         "aliases": aliases,
         "tags": dict(mv.tags),
-        "source_uri": (source or {}).get("uri", ""),
+        "source_uri": (source or {}).get("uri", "") or extra.get("model_uri", ""),
     }
 
 

@@ -57,6 +57,7 @@ from reid_platform.tracking import (
     RunLogger,
     ensure_experiment,
     record_sweep_best,
+    registered_model_name,
     resolve_tracking_uri,
     start_run,
 )
@@ -803,8 +804,12 @@ def _summarise(
     )
     parent.end()
     # The best trial's model in the registry, tagged with this sweep (unless tracking.register
-    # is false); its checkpoint is the one reported with the metric it was chosen by.
-    record_sweep_best(best_config, uri, best["mlflow_run_id"],
+    # is false); its checkpoint is the one reported with the metric it was chosen by. It is a
+    # version of the sweep's registered model (the config's), not of `<name>-best`'s.
+    registry_config = best_config.replace(
+        **{"tracking.registered_model": registered_model_name(config)}
+    )
+    record_sweep_best(registry_config, uri, best["mlflow_run_id"],
                       _reported_checkpoint(results, best["trial_id"]), parent_run_id)
     return SweepResult(
         best_path,

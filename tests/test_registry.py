@@ -8,6 +8,8 @@ One server for the module; tiny models (`test_resnet`, 64x32) trained in debug m
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -27,6 +29,8 @@ from reid_platform.checkpoint import (
     save_checkpoint,
 )
 from reid_platform.config import Config, load_config
+from reid_platform.lineage import MANIFEST_MODEL_KEYS, index_lineage
+from reid_platform.retrieval.index import read_manifest
 from reid_platform.tracking import (
     RegistryError,
     dataset_digest,
@@ -385,13 +389,26 @@ def test_jobs_take_model_uris(server, trained, ray_address, workspace, tmp_path)
     assert chain["training_run"]["dataset"]["name"] == dataset_root.name
     assert chain["sweep_run"] is None
     assert chain["index"]["count"] > 0 and chain["notes"] == []
+    # The manifest records the model itself: the lineage holds without the model cache.
+    extra = read_manifest(index_dir)["extra"]
+    assert {k: extra[k] for k in MANIFEST_MODEL_KEYS} == {
+        "model_uri": uri, "model_name": MODEL, "model_version": "1", "run_id": first.run_id,
+        "tracking_uri": url}
+    cached = Path(extra["checkpoint"])
+    shutil.move(cached, tmp_path / "moved")
+    try:
+        chain = index_lineage(index_dir)
+    finally:
+        shutil.move(tmp_path / "moved", cached)
+    assert chain["model"]["uri"] == uri and chain["model"]["source_uri"] == uri
+    assert chain["training_run"]["run_id"] == first.run_id
+    assert any("checkpoint not readable here" in note for note in chain["notes"])
 
 
 @pytest.mark.slow
 def test_sweep_registers_its_best_trial(server, ray_session, tiny_market, workspace):
     from mlflow.tracking import MlflowClient
 
-    from reid_platform.lineage import index_lineage
     from reid_platform.tuning import run_sweep
 
     url, _ = server
@@ -440,3 +457,99 @@ def test_sweep_registers_its_best_trial(server, ray_session, tiny_market, worksp
     assert chain["sweep_run"]["run_id"] == result.parent_run_id
     assert chain["sweep_run"]["is_best_trial"] is True
     assert chain["model"]["uri"] == f"models:/{name}/1"
+
+
+# ---- serving a registered model ----------------------------------------------------------
+
+
+def _index_for(directory: Path, checkpoint: str | Path, dim: int) -> Path:
+    """An empty index "built by" `checkpoint`: its manifest records it as build_index does."""
+    from reid_platform.lineage import model_record
+    from reid_platform.retrieval.index import ShardedIndex
+
+    extra = {"checkpoint": str(checkpoint), **model_record(checkpoint_file(checkpoint))}
+    ShardedIndex.create(directory, dim=dim, num_shards=1, extra=extra)
+    return directory
+
+
+def test_serving_checkpoint_resolves_and_refuses(server, trained, tmp_path):
+    """`model_uri` is pinned to its version and downloaded at build time; both / neither /
+    a path as model_uri / a missing alias / another embedding size are errors naming them."""
+    from mlflow.tracking import MlflowClient
+
+    from serve_apps.retrieval import RetrievalArgs, serving_checkpoint
+
+    url, _ = server
+    first, second = trained
+    MlflowClient(url).set_registered_model_alias(MODEL, "serving", "2")
+    dim = load_model(first.checkpoint)[0].embedding_dim
+
+    def pick(index_dir: Path = tmp_path / "v1", **kwargs) -> str:
+        return serving_checkpoint(RetrievalArgs(index_dir=str(index_dir), **kwargs),
+                                  read_manifest(index_dir), index_dir)
+
+    by_second = _index_for(tmp_path / "v2", second.checkpoint, dim)
+    pinned = pick(by_second, model_uri=f"models:/{MODEL}@serving")
+    assert pinned == f"models:/{MODEL}/2"
+    assert state_equal(read_checkpoint(pinned)["model_state"],
+                       read_checkpoint(second.checkpoint)["model_state"])
+    _index_for(tmp_path / "v1", first.checkpoint, dim)
+    assert pick() == str(checkpoint_file(first.checkpoint))  # the manifest's, as before
+    assert pick(model_uri=f"models:/{MODEL}/1") == f"models:/{MODEL}/1"
+    # version 2 embeds into another space than the one the index was built in
+    with pytest.raises(ValueError, match=f"was built by another model .*{first.run_id}"):
+        pick(model_uri=f"models:/{MODEL}@serving")
+    assert pick(checkpoint=f"runs:/{first.run_id}/model") == f"runs:/{first.run_id}/model"
+    with pytest.raises(ValueError, match="give checkpoint or model_uri, not both"):
+        pick(model_uri=f"models:/{MODEL}/1", checkpoint=str(first.checkpoint))
+    with pytest.raises(ValueError, match="model_uri='/some/path': expected models:/NAME@ALIAS"):
+        pick(model_uri="/some/path")
+    with pytest.raises(CheckpointError, match=f"model_uri: models:/{MODEL}@gone: model "
+                       f"'{MODEL}' has no alias 'gone'"):
+        pick(model_uri=f"models:/{MODEL}@gone")
+    other = _index_for(tmp_path / "other", first.checkpoint, dim + 1)
+    with pytest.raises(ValueError, match=rf"embeds in {dim} dimensions but the index .* holds "
+                       rf"{dim + 1}-dimensional"):
+        serving_checkpoint(RetrievalArgs(index_dir=str(other), model_uri=f"models:/{MODEL}/1"),
+                           read_manifest(other), other)
+
+
+@pytest.mark.slow
+def test_service_serves_a_registered_model(server, trained, ray_session, tiny_market, tmp_path):
+    """`model_uri=models:/NAME@ALIAS`: the Embedder runs that version (its /v1/embed equals
+    the version's model on the same image) and /v1/stats names the pinned version."""
+    import httpx
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from reid_platform.data.dataset import decode_image
+    from reid_platform.retrieval.embedders import make_embedder
+    from serve_apps.retrieval import build_app
+
+    url, _ = server
+    first, second = trained
+    MlflowClient(url).set_registered_model_alias(MODEL, "serving", "2")
+    dim = load_model(first.checkpoint)[0].embedding_dim
+    index_dir = _index_for(tmp_path / "index", second.checkpoint, dim)  # by version 2's run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": free})  # or Serve's running one
+    port = ray_session.get(_get_global_client()._controller.get_http_config.remote()).port
+    name = f"reg-serve-{uuid.uuid4().hex[:6]}"
+    app = build_app({"index_dir": str(index_dir), "model_uri": f"models:/{MODEL}@serving",
+                     "embedder_num_cpus": 0.5, "ingress_num_cpus": 0.2, "shard_num_cpus": 0.1})
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/{name}", timeout=60) as client:
+            stats = client.get("/v1/stats").json()
+            assert stats["model"]["model_uri"] == f"models:/{MODEL}/2"
+            assert stats["model"]["checkpoint"].endswith(f"models/{MODEL}/2/model.pt")
+            image = sorted((tiny_market / "query").iterdir())[0]
+            got = client.post("/v1/embed", files={"image": image.read_bytes()}).json()
+        want = make_embedder("torch", second.checkpoint, "cpu").embed(
+            [decode_image(image.read_bytes())])[0]
+        np.testing.assert_allclose(np.asarray(got["embedding"]), want, atol=1e-4)
+    finally:
+        serve.delete(name)

@@ -112,10 +112,10 @@ def serve_build(args: dict[str, Any], num_shards: int,
         # a stand-in model: the deployments' options do not depend on the weights
         config = Config().replace(**{"model.backbone": "test_resnet", "data.height": 64,
                                      "data.width": 32})
-        checkpoint = save_checkpoint(Path(tmp) / "checkpoint", build_model(config.model, 2),
-                                     config, 0)
+        model = build_model(config.model, 2)
+        checkpoint = save_checkpoint(Path(tmp) / "checkpoint", model, config, 0)
         index_dir = Path(tmp) / "index"
-        ShardedIndex.create(index_dir, dim=8, num_shards=num_shards,
+        ShardedIndex.create(index_dir, dim=int(model.embedding_dim), num_shards=num_shards,
                             extra={"checkpoint": str(checkpoint)})
         stand_in = {**args, "index_dir": str(index_dir), "checkpoint": str(checkpoint)}
         module = types.ModuleType("_reid_render_app")
