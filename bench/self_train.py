@@ -83,6 +83,7 @@ def main() -> None:
     labelled, unlabelled = split_labelled(load_market1501(root), out / "split",
                                           args.labelled_fraction, args.seed)
     config = base.replace(**{"data.format": "csv", "data.root": str(labelled),
+                             "data.allow_outside_root": True,  # split_labelled: absolute paths
                              "data.unlabelled": str(unlabelled)})
     common = {"num_train_ids": args.num_train_ids, "labelled_fraction": args.labelled_fraction,
               "backbone": args.backbone, "size": f"{args.height}x{args.width}"}

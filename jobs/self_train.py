@@ -62,6 +62,7 @@ def _smoke_config(config, directory: Path):
         "model.backbone": "test_resnet",
         "data.format": "csv",
         "data.root": str(labelled),
+        "data.allow_outside_root": True,  # split_labelled lists absolute paths
         "data.unlabelled": str(unlabelled),
         "self_train.rounds": 1,
         "self_train.method": "kmeans",  # a random-init model: a fixed count always clusters

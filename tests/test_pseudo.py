@@ -285,6 +285,12 @@ def test_unlabelled_input_errors(tmp_path):
     bad.write_text("path,pid\na.jpg,x\n")
     with pytest.raises(DatasetError, match=r"bad.csv:2: pid 'x' must be an integer"):
         unlabelled_samples(bad)
+    bad.write_text("path,x,y,w,h\na.jpg,0,0,inf,4\n")  # the datasets' box rules, no overflow
+    with pytest.raises(DatasetError, match=r"bad.csv:2: box w='inf' must be a finite number"):
+        unlabelled_samples(bad)
+    bad.write_text("path,id\na.jpg,x\nb.jpg,x\n")
+    with pytest.raises(DatasetError, match=r"id 'x' is used by both .*a.jpg and .*b.jpg"):
+        unlabelled_samples(bad)
 
 
 def test_outputs_never_overwrite_anything(tmp_path):

@@ -28,7 +28,7 @@ import os
 import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -742,7 +742,13 @@ CSV_REQUIRED = ("path", "pid", "camid", "split")
 CSV_BOX = ("x", "y", "w", "h")
 
 
-def _parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | None:
+def parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | None:
+    """The x,y,w,h columns of a manifest row in pixels (None when all four are empty).
+
+    Raises:
+        DatasetError: naming `where` (file:line) for a value that is not a finite number, a
+            negative corner or an empty box.
+    """
     if all(row[c] == "" for c in CSV_BOX):
         return None
     values = []
@@ -762,6 +768,22 @@ def _parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | N
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise DatasetError(f"{where}: box {(x, y, w, h)} needs x,y >= 0 and w,h > 0")
     return x, y, w, h
+
+
+def check_unique_ids(samples: Sequence[Sample], where: str, what: str = "ids") -> None:
+    """Refuse two samples with one `item_id` (an index or a pseudo-label file keys on it).
+
+    Raises:
+        DatasetError: naming `where`, the id and both paths.
+    """
+    seen: dict[str, str] = {}
+    for sample in samples:
+        if sample.item_id in seen:
+            raise DatasetError(
+                f"{where}: id {sample.item_id!r} is used by both {seen[sample.item_id]} and "
+                f"{sample.path}; {what} must be unique"
+            )
+        seen[sample.item_id] = sample.path
 
 
 def load_csv(
@@ -845,7 +867,7 @@ def load_csv(
                     f"{where}: path {row['path']!r} leads outside the dataset root {base_abs} "
                     f"(to {resolved}); set data.allow_outside_root: true to allow it"
                 )
-            box = _parse_box(row, where) if all(has_box) else None
+            box = parse_box(row, where) if all(has_box) else None
             if split != "gallery" and pid < 0:
                 continue  # junk in the manifest: gallery only
             meta = {c: row[c] for c in extra}

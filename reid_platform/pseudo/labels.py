@@ -28,6 +28,8 @@ from reid_platform.data.formats import (
     MARKET_DIRS,
     DatasetError,
     Sample,
+    check_unique_ids,
+    parse_box,
     parse_market_name,
 )
 from reid_platform.pseudo import pictures
@@ -76,14 +78,7 @@ def unlabelled_samples(path: str | Path) -> tuple[list[Sample], str]:
         samples, kind = _market_samples(train_dir), "market1501"
     else:
         samples, kind = _folder_samples(path), "folder"
-    seen: dict[str, str] = {}
-    for s in samples:
-        if s.item_id in seen:
-            raise DatasetError(
-                f"--images {path}: id {s.item_id!r} is used by both {seen[s.item_id]} and "
-                f"{s.path}; ids must be unique"
-            )
-        seen[s.item_id] = s.path
+    check_unique_ids(samples, f"--images {path}")
     return samples, kind
 
 
@@ -169,14 +164,7 @@ def _csv_samples(manifest: Path) -> list[Sample]:
                 continue
             if not row["path"]:
                 raise DatasetError(f"{where}: path is empty")
-            box = None
-            if all(box_cols) and any(row[c] for c in ("x", "y", "w", "h")):
-                try:
-                    box = tuple(int(round(float(row[c]))) for c in ("x", "y", "w", "h"))
-                except ValueError:
-                    raise DatasetError(f"{where}: box x,y,w,h must be numbers") from None
-                if box[2] <= 0 or box[3] <= 0 or box[0] < 0 or box[1] < 0:
-                    raise DatasetError(f"{where}: box {box} needs x,y >= 0 and w,h > 0")
+            box = parse_box(row, where) if all(box_cols) else None
             samples.append(
                 Sample(
                     str(base / row["path"]),
