@@ -108,6 +108,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.pseudo.clustering import ClusteringError
     from reid_platform.pseudo.distances import DistanceError
     from reid_platform.runtime import DeviceError
+    from reid_platform.tracking import RegistryError
 
     return (
         ConfigError,
@@ -116,6 +117,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         EvaluationError,
         DeviceError,
+        RegistryError,
         ClusteringError,
         DistanceError,
         FileNotFoundError,
@@ -132,3 +134,30 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def smoke_registry(directory: Path) -> tuple[str, str]:
+    """A throw-away MLflow store under `directory` (the workspace for this process) with a
+    registered model `smoke` of two versions (scores 0.25 and 0.5; tiny random models), for
+    the `--smoke-test` of the registry jobs.
+
+    Returns:
+        (tracking URI, registered model name).
+    """
+    from reid_platform.checkpoint import read_checkpoint, save_checkpoint
+    from reid_platform.models import build_model
+    from reid_platform.tracking import record_model, start_run
+
+    os.environ["REID_PLATFORM_HOME"] = str(directory)
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    checkpoint, _ = smoke_checkpoint(directory)
+    config = Config.from_dict(read_checkpoint(checkpoint)["config"]).replace(
+        **{"tracking.tracking_uri": uri, "workspace": str(directory)}
+    )
+    for version, score in enumerate((0.25, 0.5), start=1):
+        model = build_model(config.model, num_classes=12)
+        metrics = {"score": score, "mAP": score, "rank1": score, "epoch": 1}
+        path = save_checkpoint(directory / "checkpoints" / f"v{version}", model, config, 1,
+                               metrics)
+        record_model(config, uri, start_run(config, uri), path)
+    return uri, config.name

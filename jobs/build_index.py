@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from reid_platform.retrieval.gallery import DEFAULT_BATCH_SIZE, GALLERY_FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="checkpoint directory or model.pt")
+    parser.add_argument(
+        "--checkpoint",
+        help="checkpoint directory, model.pt, or model URI (models:/NAME@ALIAS, runs:/RUN/model)",
+    )
     parser.add_argument("--gallery", help="dataset root, CSV manifest or folder of images")
     parser.add_argument(
         "--format",

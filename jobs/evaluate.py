@@ -45,7 +45,8 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="PATH",
-        help="checkpoint directory or model.pt; repeat for an ensemble",
+        help="checkpoint directory, model.pt or model URI (models:/NAME@ALIAS, models:/NAME/3, "
+        "runs:/RUN/model); repeat for an ensemble",
     )
     parser.add_argument(
         "--weights",

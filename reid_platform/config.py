@@ -208,11 +208,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: the experiment defaults to the config's name."""
+    """MLflow: the experiment defaults to the config's name; every training run (and the best
+    trial of a sweep) logs an MLflow Model and registers it as a new version of
+    `registered_model` (default: the config's name) unless `register` is false."""
 
     experiment: str = ""
     run_name: str = ""
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else SQLite under the workspace
+    registered_model: str = ""  # MLflow registered model; empty: the config's `name`
+    register: bool = True  # false: log the MLflow Model in the run but register no version
 
 
 DistributionType = Literal["uniform", "quniform", "loguniform", "qloguniform", "randint", "choice"]

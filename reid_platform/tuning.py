@@ -53,7 +53,14 @@ from reid_platform.config import (
 )
 from reid_platform.models import ModelError, check_backbone
 from reid_platform.runtime import init_ray
-from reid_platform.tracking import RunLogger, ensure_experiment, resolve_tracking_uri, start_run
+from reid_platform.tracking import (
+    RunLogger,
+    ensure_experiment,
+    record_sweep_best,
+    registered_model_name,
+    resolve_tracking_uri,
+    start_run,
+)
 from reid_platform.training.trainer import (
     build_trainer,
     prepare_data,
@@ -796,6 +803,14 @@ def _summarise(
         }
     )
     parent.end()
+    # The best trial's model in the registry, tagged with this sweep (unless tracking.register
+    # is false); its checkpoint is the one reported with the metric it was chosen by. It is a
+    # version of the sweep's registered model (the config's), not of `<name>-best`'s.
+    registry_config = best_config.replace(
+        **{"tracking.registered_model": registered_model_name(config)}
+    )
+    record_sweep_best(registry_config, uri, best["mlflow_run_id"],
+                      _reported_checkpoint(results, best["trial_id"]), parent_run_id)
     return SweepResult(
         best_path,
         best_metrics,
@@ -807,6 +822,14 @@ def _summarise(
         experiment_path,
         method,
     )
+
+
+def _reported_checkpoint(results: tune.ResultGrid, trial_id: str) -> str | None:
+    """The Ray Train checkpoint a trial last reported to Tune (its `checkpoint_path`)."""
+    for result in results:
+        if (result.metrics or {}).get("trial_id") == trial_id:
+            return result.metrics.get("checkpoint_path")
+    return None
 
 
 # ---- the plot ----------------------------------------------------------------------------

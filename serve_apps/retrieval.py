@@ -89,6 +89,11 @@ class RetrievalArgs(BaseModel):
 
     index_dir: str = Field(description="index directory written by jobs/build_index.py")
     checkpoint: str = Field("", description="model checkpoint; empty: the index manifest's")
+    model_uri: str = Field(
+        "",
+        description="a registered model to serve instead: models:/NAME@ALIAS, models:/NAME/N "
+        "or runs:/RUN/model (an alias is resolved to its version once, when the app is built)",
+    )
     runtime: Literal["torch"] = Field("torch", description="how the Embedder runs the model")
     tta: Literal["auto", "none", "flip"] = Field(
         "auto",
@@ -758,6 +763,7 @@ class RetrievalIngress:
         root = settings.get("gallery_root")
         self._gallery_root = PurePosixPath(root) if root else None
         self.resources = settings.get("resources", {})
+        self.model_uri = str(settings.get("model_uri", ""))  # the pinned registered version
         self._token = str(settings["auth_token"])
         self.hops = HopTimes()
 
@@ -979,8 +985,12 @@ class RetrievalIngress:
         seen = info.pop("batch_sizes_seen")
         return {
             "model": {
-                k: info[k]
-                for k in ("checkpoint", "backbone", "dim", "device", "input_size", "runtime", "tta")
+                **{
+                    k: info[k]
+                    for k in ("checkpoint", "backbone", "dim", "device", "input_size", "runtime",
+                              "tta")
+                },
+                "model_uri": self.model_uri,
             },
             "index": self.index,
             "items_per_shard": counts,
@@ -1337,6 +1347,63 @@ def start_http(host: str, port: int) -> None:
     serve.start(http_options={"host": host, "port": port})
 
 
+def serving_checkpoint(args: RetrievalArgs, manifest: dict[str, Any], index_dir: Path) -> str:
+    """What the Embedder loads: `model_uri` pinned to its version (`models:/demo@production`
+    -> `models:/demo/7`, so every replica, and a replica restarted after the alias moved, runs
+    the same model; downloaded into the model cache now), else the `checkpoint` path or URI,
+    else the index manifest's. The model must embed in the index's dimension and, when the
+    manifest records the training run of the model it was built by, be that model.
+
+    Raises:
+        ValueError: both or neither given, a dimension that differs from the index's, or a
+            model of another training run than the index's.
+        reid_platform.checkpoint.CheckpointError: a path or URI that does not resolve.
+    """
+    import torch  # here, not at module level: shard replicas import this module too
+
+    from reid_platform.checkpoint import checkpoint_file, read_checkpoint, resolve_checkpoint_ref
+    from reid_platform.config import Config
+    from reid_platform.models import build_model
+    from reid_platform.tracking import is_model_uri
+
+    if args.model_uri and args.checkpoint:
+        raise ValueError("give checkpoint or model_uri, not both")
+    key = "model_uri" if args.model_uri else "checkpoint"
+    value = args.model_uri or args.checkpoint or manifest.get("extra", {}).get("checkpoint", "")
+    if not value:
+        raise ValueError(f"{index_dir}: its manifest names no checkpoint; pass checkpoint=...")
+    if args.model_uri and not is_model_uri(args.model_uri):
+        raise ValueError(f"model_uri={args.model_uri!r}: expected models:/NAME@ALIAS, "
+                         "models:/NAME/VERSION or runs:/RUN_ID/PATH (a path goes in checkpoint)")
+    if is_model_uri(value):
+        checkpoint = resolve_checkpoint_ref(value, key)
+    else:
+        checkpoint = str(checkpoint_file(Path(value).expanduser().resolve()))
+    payload = read_checkpoint(checkpoint)
+    config = Config.from_saved(payload["config"])
+    with torch.device("meta"):  # the architecture only: its embedding size, no weights
+        model = build_model(config.replace(**{"model.pretrained": ""}).model,
+                            payload["num_classes"], (config.data.height, config.data.width))
+    if int(model.embedding_dim) != int(manifest["dim"]):
+        raise ValueError(
+            f"{key}={value}: the model embeds in {model.embedding_dim} dimensions but the index "
+            f"{index_dir} holds {manifest['dim']}-dimensional vectors; serve it with an index "
+            "built by that model (jobs/build_index.py --checkpoint ...)"
+        )
+    # Another model of the same size embeds into another space: its searches over this index
+    # would be meaningless. The manifest records the training run of the model it was built by.
+    built_by = manifest.get("extra", {}).get("run_id", "")
+    serving = (payload.get("mlflow_run") or {}).get("run_id", "")
+    if built_by and serving and built_by != serving:
+        built = manifest["extra"].get("model_uri") or f"run {built_by}"
+        raise ValueError(
+            f"{key}={value}: the index {index_dir} was built by another model ({built}; this "
+            f"one is from run {serving}): build an index with it first (jobs/build_index.py "
+            f"--checkpoint {value})"
+        )
+    return checkpoint
+
+
 def build_app(args: RetrievalArgs) -> Application:
     """The retrieval application for an index directory (a typed Serve app builder).
 
@@ -1349,16 +1416,11 @@ def build_app(args: RetrievalArgs) -> Application:
         ResourceFitError: the cluster cannot hold the app (names asked and available).
         FileNotFoundError, ValueError: no index or checkpoint at the paths given.
     """
-    from reid_platform.checkpoint import checkpoint_file
-
     if isinstance(args, dict):  # called directly rather than by `serve run`
         args = RetrievalArgs.model_validate(args)
     index_dir = Path(args.index_dir).expanduser().resolve()
     manifest = read_manifest(index_dir)
-    checkpoint = args.checkpoint or manifest.get("extra", {}).get("checkpoint", "")
-    if not checkpoint:
-        raise ValueError(f"{index_dir}: its manifest names no checkpoint; pass checkpoint=...")
-    checkpoint = str(checkpoint_file(Path(checkpoint).expanduser().resolve()))
+    checkpoint = serving_checkpoint(args, manifest, index_dir)
     if not ray.is_initialized():
         # `serve run module:build_app` calls the builder before ray.init: start the same
         # loopback-only local Ray as the jobs (or join $RAY_ADDRESS).
@@ -1427,6 +1489,7 @@ def build_app(args: RetrievalArgs) -> Application:
         "metadata_path": args.metadata_path,
         "gallery_root": _gallery_root(manifest),
         "auth_token": args.auth_token,
+        "model_uri": checkpoint if checkpoint.startswith(("models:/", "runs:/")) else "",
         "resources": {
             "cpus_per_replica": cpus,
             "embedder_gpus": num_gpus,

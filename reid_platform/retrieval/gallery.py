@@ -331,6 +331,9 @@ def build_gallery_index(
         DatasetError: unusable gallery. IndexBuildError: an index type the data cannot train,
         or an existing index built with other settings. CheckpointError: bad checkpoint.
     """
+    # here, not at module level: the embedding workers import this module, not MLflow
+    from reid_platform.lineage import model_record
+
     if tta not in TTA_MODES:
         raise IndexBuildError(f"--tta {tta!r}: choose one of {TTA_MODES}")
     if augment not in AUGMENT_MODES:
@@ -358,6 +361,7 @@ def build_gallery_index(
         "normalized": True,
         "tta": tta,
         "augment": augment,
+        **model_record(ckpt),  # the registered version and run behind it (jobs/lineage.py)
     }
     index = _open_or_create(out, dim, num_shards, index_type, extra)
     by_id = {s.item_id: s for s in samples}

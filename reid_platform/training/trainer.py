@@ -22,13 +22,18 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from reid_platform.checkpoint import CheckpointError, read_checkpoint, slim_copy
+from reid_platform.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    resolve_checkpoint_ref,
+    slim_copy,
+)
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
 from reid_platform.data.root import load_config_dataset, resolve_data_root
 from reid_platform.models import TIMM_HUB, check_backbone, check_model, create_backbone
 from reid_platform.runtime import cluster_gpus, init_ray, verbose
-from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
+from reid_platform.tracking import RunLogger, record_model, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
 from reid_platform.training.session import LocalSession
 
@@ -75,7 +80,7 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     elif config.model.pretrained:
         overrides["model.pretrained"] = _absolute_file(config.model.pretrained, "model.pretrained")
     if config.train.resume_from:
-        overrides["train.resume_from"] = _absolute_file(
+        overrides["train.resume_from"] = resolve_checkpoint_ref(  # a path or a model URI
             config.train.resume_from, "train.resume_from"
         )
     config = resolve_data_root(config.replace(**overrides), progress)
@@ -194,7 +199,8 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
     run_name = config.tracking.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_tracking_uri(config)
     run_id = start_run(config, uri, run_name=run_name, tags={"dataset": dataset.name,
-                                                             "data_root": config.data.root})
+                                                             "data_root": config.data.root},
+                       dataset=dataset)
     logger = RunLogger(uri, run_id)
     run_dir = config.workspace_dir / "runs" / run_name
     config_path = save_config(config, run_dir / "config.yaml")
@@ -221,6 +227,7 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
         with tempfile.TemporaryDirectory() as tmp:
             # MLflow keeps the model, not the optimizer state (a third of the size with Adam)
             logger.log_artifact(slim_copy(checkpoint, tmp), "checkpoints/final")
+    record_model(config, uri, run_id, checkpoint)  # the MLflow Model, a registry version
     return TrainingResult(run_id, uri, checkpoint, metrics, config_path)
 
 
