@@ -351,16 +351,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"config file {path} must hold a mapping, got {type(loaded).__name__}"
             )
         data = loaded
-    for item in overrides or []:
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(data, key, value)
+    return Config.from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values parse as YAML) -> {dotted key: value}, in order.
+
+    `Config.replace(**parse_overrides(items))` applies them to a config in hand.
+
+    Raises:
+        ConfigError: an item without `=`.
+    """
+    values: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=2)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
-        _set_dotted(data, key.strip(), value)
-    return Config.from_dict(data)
+            values[key.strip()] = raw
+    return values
 
 
 def save_config(config: Config, path: str | Path) -> Path:
