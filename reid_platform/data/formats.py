@@ -999,7 +999,11 @@ def load_dataset(
         fmt = detect_format(root)
     readers: dict[str, Callable[[], ReidDataset]] = {
         "market1501": lambda: load_market1501(root, need_train=need_train),
-        "synthetic": lambda: load_market1501(root, need_train=need_train),
+        # a Market-1501 tree, or the cross-modal tiles' manifest
+        "synthetic": lambda: (
+            load_csv(Path(root) / "manifest.csv", need_train=need_train)
+            if (Path(root) / "manifest.csv").is_file()
+            else load_market1501(root, need_train=need_train)),
         "dukemtmc": lambda: load_dukemtmc(root, need_train=need_train),
         "msmt17": lambda: load_msmt17(root, msmt17_include_val, need_train=need_train),
         "cuhk03": lambda: load_cuhk03(root, cuhk03_variant, need_train=need_train),

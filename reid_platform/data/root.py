@@ -19,6 +19,12 @@ def synthetic_root(config: Config) -> Path:
     config find (or generate) the same tree.
     """
     s = config.data.synthetic
+    if s.modalities:  # cross-modal tiles: images per camera are images per modality
+        return config.workspace_dir / "data" / (
+            f"tiles-{'-'.join(s.modalities)}-{s.num_train_ids}-{s.num_test_ids}-"
+            f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
+            f"{s.height}x{s.width}-seed{s.seed}"
+        )
     return config.workspace_dir / "data" / (
         f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
         f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
@@ -75,16 +81,27 @@ def resolve_data_root(config: Config, progress: bool = True) -> Config:
     root = data.root
     if data.format == "synthetic":
         from reid_platform.data.synthetic import ensure_synthetic
+        from reid_platform.data.synthetic_tiles import ensure_tiles
 
         s = data.synthetic
         root = root or str(synthetic_root(config))
         try:
-            ensure_synthetic(
-                root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
-                num_cameras=s.num_cameras,
-                images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
-                height=s.height, width=s.width, seed=s.seed, progress=progress,
-            )
+            if s.modalities:
+                ensure_tiles(
+                    root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                    modalities=tuple(s.modalities),
+                    images_per_id_per_modality=(s.min_images_per_camera,
+                                                s.max_images_per_camera),
+                    height=s.height, width=s.width, seed=s.seed, progress=progress,
+                )
+            else:
+                ensure_synthetic(
+                    root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                    num_cameras=s.num_cameras,
+                    images_per_id_per_camera=(s.min_images_per_camera,
+                                              s.max_images_per_camera),
+                    height=s.height, width=s.width, seed=s.seed, progress=progress,
+                )
         except ValueError as err:
             raise ConfigError(f"data.root / data.synthetic: {err}") from None
     elif not root:
