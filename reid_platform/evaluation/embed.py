@@ -46,14 +46,21 @@ def extract_features(
     amp: bool = False,
     progress: bool = False,
     desc: str = "embedding",
+    modalities: Sequence[str] = (),
+    feature: str = "post_bn",
 ) -> Features:
     """Run `model.embed` over samples in batches (model put in eval mode).
+
+    Args:
+        modalities: the model's modalities (`model.modalities`): each image goes through its
+            own modality's branch (empty: unimodal, the default branch).
+        feature: "post_bn" (after the BNNeck, the default) or "pre_bn" embeddings.
 
     Returns:
         Features with L2-normalised (N, D) float32 embeddings.
     """
     model.eval()
-    dataset = ImageDataset(samples, build_eval_transform(height, width))
+    dataset = ImageDataset(samples, build_eval_transform(height, width), modalities)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate_skip_corrupt,
@@ -65,7 +72,9 @@ def extract_features(
         if batch["image"] is None:
             continue
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            emb = model.embed(batch["image"].to(device, non_blocking=True))
+            modality = batch.get("modality")
+            emb = model.embed(batch["image"].to(device, non_blocking=True),
+                              None if modality is None else modality.to(device), feature)
         feats.append(emb.float().cpu().numpy())
         pids.append(batch["pid"].numpy())
         camids.append(batch["camid"].numpy())
@@ -92,14 +101,17 @@ def evaluate_model(
     num_workers: int = 0,
     amp: bool = False,
     metric: str = "cosine",
+    modalities: Sequence[str] = (),
+    feature: str = "post_bn",
 ) -> tuple[RankResult, int]:
-    """Embed query and gallery and evaluate in query blocks (no full distance matrix).
+    """Embed query and gallery and evaluate in query blocks (no full distance matrix);
+    `modalities` and `feature` as in `extract_features`.
 
     Returns:
         (result, number of images that could not be decoded and were left out).
     """
     kwargs = dict(height=height, width=width, batch_size=batch_size, device=device,
-                  num_workers=num_workers, amp=amp)
+                  num_workers=num_workers, amp=amp, modalities=modalities, feature=feature)
     q = extract_features(model, query, desc="query", **kwargs)
     g = extract_features(model, gallery, desc="gallery", **kwargs)
     result = evaluate_features(q.feats, g.feats, q.pids, g.pids, q.camids, g.camids, metric)

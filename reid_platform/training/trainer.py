@@ -7,6 +7,7 @@ sweep, which launches one trainer per trial.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -51,6 +52,50 @@ def _absolute_file(value: str, key: str) -> str:
     return str(path.resolve())
 
 
+def resolve_modalities(config: Config, dataset: ReidDataset) -> Config:
+    """The config with `model.modalities` filled from the data (empty: those of the training
+    split, in order of appearance) and the cross-modal settings checked against the data.
+
+    Raises:
+        ConfigError: a modality of the data that the model has no branch for, cross-modal
+            sampling or protocol on data with fewer than two modalities, or a query/gallery
+            modality without test images.
+    """
+    data, model = config.data, config.model
+    modalities = model.modalities or dataset.modalities
+    unknown = [m for m in dataset.modalities if m not in modalities]
+    if unknown:
+        raise ConfigError(
+            f"the data has modality {unknown[0]!r} but model.modalities={list(modalities)} "
+            "has no branch for it; add it to model.modalities (or leave them empty)"
+        )
+    cross = data.cross_modal_sampling or data.protocol == "cross_modal"
+    if cross and len(dataset.modalities) < 2:
+        raise ConfigError(
+            f"data.cross_modal_sampling / data.protocol=cross_modal need data with two or more "
+            f"modalities; {data.root} has {list(dataset.modalities) or 'none'} (a modality "
+            "column in the manifest, or root/<modality>/<identity>/ folders)"
+        )
+    if data.protocol == "cross_modal":
+        from reid_platform.evaluation.crossmodal import cross_modal_split
+
+        try:
+            cross_modal_split(dataset, data.query_modality, data.gallery_modality)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if data.augment.channel_exchange_modality and (
+            data.augment.channel_exchange_modality not in dataset.modalities):
+        raise ConfigError(
+            f"data.augment.channel_exchange_modality={data.augment.channel_exchange_modality!r}"
+            f" is not a modality of the data ({list(dataset.modalities)})"
+        )
+    if model.modalities:
+        return config
+    config = config.replace(**{"model.modalities": list(modalities)})
+    check_model(config.model, (data.height, data.width))
+    return config
+
+
 def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDataset]:
     """Check everything the workers will need, in the driver, with clear errors.
 
@@ -67,7 +112,11 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
     check_backbone(config.model.backbone)
-    check_model(config.model, (config.data.height, config.data.width))
+    model = config.model
+    if model.modality_specific_stages and not model.modalities:
+        # the data's modalities are known only after reading it: check the shape with two
+        model = dataclasses.replace(model, modalities=("a", "b"))
+    check_model(model, (config.data.height, config.data.width))
     overrides = {}
     if config.model.pretrained == TIMM_HUB:
         # fetched into timm's hub cache here once (or found there offline), before the workers
@@ -81,6 +130,7 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     config = resolve_data_root(config.replace(**overrides), progress)
     data = config.data
     dataset = load_config_dataset(config)
+    config = resolve_modalities(config, dataset)
     train, pid_map = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
     needed = data.num_ids_per_batch
     if len(pid_map) < needed:
