@@ -191,6 +191,9 @@ class LossConfig:
     adversarial_weight: float = 0.0
     adversarial_lr: float = 1e-3  # the discriminator's own Adam optimizer
     adversarial_hidden: int = 256  # width of the discriminator's hidden layer
+    # modalities the discriminator tells apart (0 = those of model.modalities; the driver
+    # fills it in)
+    adversarial_modalities: int = 0
 
 
 @dataclass(frozen=True)

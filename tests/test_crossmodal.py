@@ -277,3 +277,84 @@ def test_driver_checks_modalities_against_the_data(tiles):
     with pytest.raises(ConfigError, match=r"two or more modalities"):
         resolve_modalities(base.replace(**{"data.cross_modal_sampling": True}), unimodal)
     assert Sample("x", 1, 0, "train").modality == ""
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+
+def test_cross_modal_triplet_mines_in_the_other_modality_only():
+    from reid_platform.losses import TripletLoss
+
+    # 1-D features: pid 1 at 0 (optical) and 1 (sar), 0.1 (optical); pid 2 at 3 (sar), 0.2 (opt)
+    feats = torch.tensor([[0.0], [1.0], [0.1], [3.0], [0.2]])
+    pids = torch.tensor([1, 1, 1, 2, 2])
+    modality = torch.tensor([0, 1, 0, 1, 0])
+    loss = TripletLoss(margin=0.5)
+    # anchor 0 (opt, pid 1): positives in sar {1: 1.0}, negatives in sar {3: 3.0} -> 0
+    # anchor 1 (sar, pid 1): positives in opt {0: 1.0, 2: 0.9} -> 1.0; negatives {4: 0.8}
+    #   -> relu(1.0 - 0.8 + 0.5) = 0.7
+    # anchor 2 (opt, pid 1): pos {1: 0.9}, neg {3: 2.9} -> 0
+    # anchor 3 (sar, pid 2): pos {4: 2.8}; neg {0: 3.0, 2: 2.9} -> 2.9: relu(2.8-2.9+.5)=0.4
+    # anchor 4 (opt, pid 2): pos {3: 2.8}; neg {1: 0.8} -> relu(2.8 - 0.8 + 0.5) = 2.5
+    expected = (0 + 0.7 + 0 + 0.4 + 2.5) / 5
+    assert float(loss(feats, pids, modality)) == pytest.approx(expected, abs=1e-4)
+    assert float(loss(feats, pids)) != pytest.approx(expected, abs=1e-3)  # plain mining differs
+
+
+def test_gradient_reversal_and_the_adversarial_term():
+    from reid_platform.losses import ReidLoss, reverse_gradient
+    from reid_platform.models import BranchOutput, BranchSpec, ReidOutput
+
+    x = torch.randn(4, 3, requires_grad=True)
+    weights = torch.randn(3)
+    (reverse_gradient(x, 0.5) @ weights).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * weights.expand(4, 3))
+
+    torch.manual_seed(0)
+    branches = (BranchSpec("global", 8),)
+    config = Config().loss
+    config = dataclasses.replace(config, adversarial_weight=0.5, adversarial_lr=1e-2,
+                                 adversarial_hidden=16)
+    criterion = ReidLoss(config, 4, branches)
+    assert "adversarial" in criterion.optimizers  # its own optimizer step
+    term = criterion.terms["adversarial"]
+    assert not any(id(p) in {id(q) for q in term.parameters()}
+                   for p in criterion.model_parameters())
+    modality = torch.tensor([0, 1] * 8)
+    features = torch.randn(16, 8) + 2.0 * modality[:, None].float()  # separable modalities
+    features.requires_grad_(True)
+
+    def step():
+        out = ReidOutput([BranchOutput(features, features, torch.randn(16, 4))])
+        batch = {"pid": torch.arange(16) % 4, "modality": modality}
+        criterion.zero_grad()
+        features.grad = None
+        losses = criterion(out, batch)
+        return losses
+
+    losses = step()
+    assert "adversarial" in losses.terms  # logged as loss_adversarial by the loop
+    losses.total.backward()
+    # the model's gradient is the reversed, weighted gradient of the discriminator's loss
+    probe = features.detach().clone().requires_grad_(True)
+    plain = torch.nn.functional.cross_entropy(term.discriminator(probe), modality)
+    (grad_plain,) = torch.autograd.grad(0.5 * plain, probe)
+    total_grad = features.grad.clone()
+    # the adversarial term alone (the id and triplet terms add their own gradients)
+    alone = ReidLoss(config, 4, branches, terms=[term])
+    features.grad = None
+    alone(ReidOutput([BranchOutput(features, features, None)]), {"pid": torch.arange(16) % 4,
+                                                                 "modality": modality}
+          ).total.backward()
+    assert torch.allclose(features.grad, -grad_plain, atol=1e-6)
+    assert not torch.allclose(total_grad, features.grad)
+    # the discriminator learns the (separable) modalities with its own steps
+    first = float(step().terms["adversarial"].detach())
+    for _ in range(40):
+        losses = step()
+        losses.total.backward()
+        criterion.step()
+    assert float(step().terms["adversarial"].detach()) < 0.5 * first
+    with pytest.raises(ValueError, match=r"loss.adversarial_weight needs cross-modal data"):
+        criterion(ReidOutput([BranchOutput(features, features, torch.randn(16, 4))]),
+                  {"pid": torch.arange(16) % 4})

@@ -89,9 +89,24 @@ def resolve_modalities(config: Config, dataset: ReidDataset) -> Config:
             f"data.augment.channel_exchange_modality={data.augment.channel_exchange_modality!r}"
             f" is not a modality of the data ({list(dataset.modalities)})"
         )
-    if model.modalities:
+    overrides: dict[str, Any] = {}
+    if config.loss.adversarial_weight > 0 and not config.loss.adversarial_modalities:
+        if len(modalities) < 2:
+            raise ConfigError(
+                f"loss.adversarial_weight={config.loss.adversarial_weight} needs data with two "
+                f"or more modalities; {data.root} has {list(modalities) or 'none'}"
+            )
+        overrides["loss.adversarial_modalities"] = len(modalities)
+    if config.loss.cross_modal_triplet and len(modalities) < 2:
+        raise ConfigError(
+            f"loss.cross_modal_triplet needs data with two or more modalities; {data.root} "
+            f"has {list(modalities) or 'none'}"
+        )
+    if not model.modalities:
+        overrides["model.modalities"] = list(modalities)
+    if not overrides:
         return config
-    config = config.replace(**{"model.modalities": list(modalities)})
+    config = config.replace(**overrides)
     check_model(config.model, (data.height, data.width))
     return config
 
