@@ -260,7 +260,8 @@ def test_driver_checks_modalities_against_the_data(tiles):
     from reid_platform.training.trainer import resolve_modalities
 
     dataset = load_dataset(tiles, "synthetic")
-    base = Config().replace(**{"data.root": str(tiles), "data.format": "synthetic"})
+    base = Config().replace(**{"data.root": str(tiles), "data.format": "synthetic",
+                               "model.backbone": "test_resnet", "model.pretrained": ""})
     filled = resolve_modalities(base, dataset)
     assert filled.model.modalities == ("optical", "sar")
     with pytest.raises(ConfigError, match=r"modality 'sar' but model.modalities=\['optical'\]"):
@@ -358,3 +359,59 @@ def test_gradient_reversal_and_the_adversarial_term():
     with pytest.raises(ValueError, match=r"loss.adversarial_weight needs cross-modal data"):
         criterion(ReidOutput([BranchOutput(features, features, torch.randn(16, 4))]),
                   {"pid": torch.arange(16) % 4})
+
+
+# ---- jobs/evaluate.py --------------------------------------------------------------------------
+
+
+def test_evaluate_job_scores_both_directions_with_pictures(tiles, tmp_path, workspace):
+    import json
+    import subprocess
+    import sys
+
+    from reid_platform.checkpoint import save_checkpoint
+    from reid_platform.evaluation.crossmodal import cross_modal_metrics
+    from reid_platform.evaluation.embed import extract_features
+
+    from conftest import REPO
+
+    config = Config().replace(**{
+        "workspace": str(workspace), "model.backbone": "test_resnet", "model.pretrained": "",
+        "model.modality_specific_stages": 1, "model.modalities": ["optical", "sar"],
+        "data.root": str(tiles / "manifest.csv"), "data.format": "csv", "data.height": SIZE[0],
+        "data.width": SIZE[1], "data.protocol": "cross_modal", "data.loader_workers": 0,
+    })
+    torch.manual_seed(0)
+    model = build_model(config.model, 6, SIZE)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, config, 0)
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "jobs/evaluate.py", "--checkpoint", str(checkpoint), "--out", str(out),
+         "--no-mlflow", "--device", "cpu", "--feature", "pre_bn", "--scatter", "pca"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "optical -> sar" in proc.stdout and "sar -> optical" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    values = report["variants"]["raw"]
+    # the same numbers as embedding both sides here and scoring them directly
+    split = cross_modal_split(load_dataset(tiles, "synthetic"))
+    a = extract_features(model, split.query, *SIZE, modalities=("optical", "sar"),
+                         feature="pre_bn")
+    b = extract_features(model, split.gallery, *SIZE, modalities=("optical", "sar"),
+                         feature="pre_bn")
+    expected, _, _ = cross_modal_metrics(a.feats, a.pids, b.feats, b.pids)
+    for key in ("rank1", "mAP", "reverse_rank1", "reverse_mAP", "score"):
+        assert values[key] == pytest.approx(expected[key], abs=1e-6), key
+    for picture in ("embedding_modalities.png", "pair_distances.png", "cmc.png"):
+        assert (out / picture).stat().st_size > 1000
+    assert report["dataset"]["feature"] == "pre_bn"
+    # a side without images: the error names the key and the value (the job prints it)
+    from reid_platform.evaluation.metrics import EvaluationError
+    from reid_platform.evaluation.pipeline import read_checkpoint_input, run_evaluation
+    from reid_platform.evaluation.variants import EvalOptions
+
+    stored = read_checkpoint_input(checkpoint)
+    stored = dataclasses.replace(stored, config=stored.config.replace(
+        **{"data.gallery_modality": "infrared"}))
+    with pytest.raises(EvaluationError, match=r"data.gallery_modality='infrared' has no test"):
+        run_evaluation([stored], EvalOptions(), tmp_path / "bad", device="cpu", progress=False)

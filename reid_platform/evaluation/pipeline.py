@@ -380,6 +380,7 @@ def embed_checkpoints(
     device: str = "auto",
     progress: bool = True,
     pca_fit_samples: Sequence[Sample] | None = None,
+    feature: str = "post_bn",
 ) -> tuple[list[ModelEmbeddings], EvalLabels, list[str]]:
     """Embed query and gallery with each checkpoint once (batched, on the GPU when present).
 
@@ -391,6 +392,8 @@ def embed_checkpoints(
         query, gallery: the samples to embed.
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1"...
         pca_fit_samples: also embed these (e.g. training images) to fit PCA whitening on.
+        feature: "post_bn" or "pre_bn" embeddings (`ReidModel.embed`). Cross-modal models
+            route every image through its modality's branch (`model.modalities`).
 
     Returns:
         (K ModelEmbeddings, labels of the rows kept, messages of the skipped images).
@@ -409,6 +412,8 @@ def embed_checkpoints(
             num_workers=data.loader_workers,
             progress=progress,
             amp=amp_enabled(checkpoint.config.train.amp, torch_device),
+            modalities=checkpoint.config.model.modalities,
+            feature=feature,
         )
         start = time.perf_counter()
         try:
@@ -631,6 +636,7 @@ class EvaluationOutcome:
     report: dict[str, Any]
     report_path: Path
     evaluation: Evaluation
+    reverse: Evaluation | None = None  # cross-modal protocol: the other direction
 
 
 def run_evaluation(
@@ -644,6 +650,7 @@ def run_evaluation(
     progress: bool = True,
     activation_map_count: int = 0,
     say: Callable[[str], None] | None = None,
+    feature: str = "post_bn",
 ) -> EvaluationOutcome:
     """Embed, evaluate every variant, draw the pictures and write `out_dir/report.json`.
 
@@ -658,6 +665,10 @@ def run_evaluation(
         activation_map_count: draw activation maps of this many queries (first checkpoint).
         say: prints what the user should know on the way (e.g. that a large gallery is
             scored in blocks); None = quiet.
+        feature: "post_bn" (default) or "pre_bn" embeddings (`--feature`).
+
+    With `data.protocol: cross_modal` both directions are evaluated
+    (`reid_platform.evaluation.crossmodal.run_cross_modal_evaluation`).
 
     Raises:
         EvaluationError, DatasetError, CheckpointError: input that cannot be evaluated.
@@ -667,6 +678,11 @@ def run_evaluation(
     options.check_values()  # before the slow part; the data-dependent checks follow
     config = checkpoints[0].config
     dataset = load_eval_dataset(config)
+    if config.data.protocol == "cross_modal":
+        from reid_platform.evaluation.crossmodal import run_cross_modal_evaluation
+
+        return run_cross_modal_evaluation(checkpoints, options, out_dir, dataset, device,
+                                          scatter, progress, feature, max_query)
     if max_query > 0 or max_gallery > 0:
         dataset = limit_dataset(
             dataset, max_query or len(dataset.query), max_gallery or len(dataset.gallery)
@@ -681,7 +697,7 @@ def run_evaluation(
         step = max(1, -(-len(dataset.train) // PCA_FIT_MAX_IMAGES))  # ceil division
         fit_samples = dataset.train[::step]
     models, labels, skipped = embed_checkpoints(
-        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples
+        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples, feature
     )
     note = blocked_note(len(labels.q_pids), len(labels.g_pids))
     if note and say:
