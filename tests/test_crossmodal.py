@@ -415,3 +415,22 @@ def test_evaluate_job_scores_both_directions_with_pictures(tiles, tmp_path, work
         **{"data.gallery_modality": "infrared"}))
     with pytest.raises(EvaluationError, match=r"data.gallery_modality='infrared' has no test"):
         run_evaluation([stored], EvalOptions(), tmp_path / "bad", device="cpu", progress=False)
+
+
+def test_sweeps_search_the_cross_modal_keys():
+    from reid_platform.config import load_config
+    from reid_platform.tuning import apply_params, search_space
+
+    config = load_config(None, [
+        "tune.space={model.modality_specific_stages: {type: choice, values: [0, 1, 2]}, "
+        "loss.adversarial_weight: {type: uniform, low: 0.0, high: 0.5}, "
+        "data.augment.channel_exchange_p: {type: uniform, low: 0.0, high: 1.0}}"])
+    assert set(search_space(config.tune)) == {"model.modality_specific_stages",
+                                              "loss.adversarial_weight",
+                                              "data.augment.channel_exchange_p"}
+    trial = apply_params(config, {"model.modality_specific_stages": 2,
+                                  "loss.adversarial_weight": 0.2,
+                                  "data.augment.channel_exchange_p": 0.7})
+    assert trial.model.modality_specific_stages == 2
+    assert trial.loss.adversarial_weight == 0.2
+    assert trial.data.augment.channel_exchange_p == 0.7
