@@ -257,7 +257,7 @@ def test_cross_modal_split_errors_name_the_modality(tiles):
 
 
 def test_driver_checks_modalities_against_the_data(tiles):
-    from reid_platform.training.trainer import resolve_modalities
+    from reid_platform.data.root import resolve_modalities
 
     dataset = load_dataset(tiles, "synthetic")
     base = Config().replace(**{"data.root": str(tiles), "data.format": "synthetic",

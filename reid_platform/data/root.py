@@ -172,3 +172,64 @@ def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
         for note in dataset.notes:
             logger.warning("[data] warning: %s", note)
     return dataset
+
+
+def resolve_modalities(config: Config, dataset: ReidDataset) -> Config:
+    """The config with `model.modalities` filled from the data (empty: those of the training
+    split, in order of appearance) and the cross-modal settings checked against the data.
+
+    Raises:
+        ConfigError: a modality of the data that the model has no branch for, cross-modal
+            sampling or protocol on data with fewer than two modalities, or a query/gallery
+            modality without test images.
+    """
+    from reid_platform.models import check_model
+
+    data, model = config.data, config.model
+    modalities = model.modalities or dataset.modalities
+    unknown = [m for m in dataset.modalities if m not in modalities]
+    if unknown:
+        raise ConfigError(
+            f"the data has modality {unknown[0]!r} but model.modalities={list(modalities)} "
+            "has no branch for it; add it to model.modalities (or leave them empty)"
+        )
+    cross = data.cross_modal_sampling or data.protocol == "cross_modal"
+    if cross and len(dataset.modalities) < 2:
+        raise ConfigError(
+            f"data.cross_modal_sampling / data.protocol=cross_modal need data with two or more "
+            f"modalities; {data.root} has {list(dataset.modalities) or 'none'} (a modality "
+            "column in the manifest, or root/<modality>/<identity>/ folders)"
+        )
+    if data.protocol == "cross_modal":
+        from reid_platform.evaluation.crossmodal import cross_modal_split
+
+        try:
+            cross_modal_split(dataset, data.query_modality, data.gallery_modality)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if data.augment.channel_exchange_modality and (
+            data.augment.channel_exchange_modality not in dataset.modalities):
+        raise ConfigError(
+            f"data.augment.channel_exchange_modality={data.augment.channel_exchange_modality!r}"
+            f" is not a modality of the data ({list(dataset.modalities)})"
+        )
+    overrides: dict[str, object] = {}
+    if config.loss.adversarial_weight > 0 and not config.loss.adversarial_modalities:
+        if len(modalities) < 2:
+            raise ConfigError(
+                f"loss.adversarial_weight={config.loss.adversarial_weight} needs data with two "
+                f"or more modalities; {data.root} has {list(modalities) or 'none'}"
+            )
+        overrides["loss.adversarial_modalities"] = len(modalities)
+    if config.loss.cross_modal_triplet and len(modalities) < 2:
+        raise ConfigError(
+            f"loss.cross_modal_triplet needs data with two or more modalities; {data.root} "
+            f"has {list(modalities) or 'none'}"
+        )
+    if not model.modalities:
+        overrides["model.modalities"] = list(modalities)
+    if not overrides:
+        return config
+    config = config.replace(**overrides)
+    check_model(config.model, (data.height, data.width))
+    return config
