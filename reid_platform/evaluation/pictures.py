@@ -324,20 +324,8 @@ def plot_embedding_scatter(
     if len(feats) > max_points:
         subset = np.sort(np.random.default_rng(seed).choice(len(feats), max_points, replace=False))
         feats, pids = feats[subset], pids[subset]
-    if method == "tsne" and len(feats) >= MIN_POINTS_FOR_TSNE:
-        from sklearn.manifold import TSNE
-
-        perplexity = min(30.0, (len(feats) - 1) / 3.0)
-        # Exact gradients are fast for a few hundred points and single-threaded; Barnes-Hut's
-        # OpenMP threads cost seconds even on tiny inputs when the cores are busy.
-        method_ = "exact" if len(feats) <= MAX_POINTS_EXACT_TSNE else "barnes_hut"
-        points = TSNE(
-            n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method_
-        ).fit_transform(feats)
-        used, note = "t-SNE", ""
-    else:
-        points = _pca_2d(feats)
-        used, note = "PCA", "" if method == "pca" else " (too few points for t-SNE)"
+    points, used = _project_2d(feats, method, seed)
+    note = "" if used == "t-SNE" or method == "pca" else " (too few points for t-SNE)"
 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     identities = np.unique(pids)
@@ -475,6 +463,8 @@ def _project_2d(feats: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, 
         from sklearn.manifold import TSNE
 
         perplexity = min(30.0, (len(feats) - 1) / 3.0)
+        # Exact gradients are fast for a few hundred points and single-threaded; Barnes-Hut's
+        # OpenMP threads cost seconds even on tiny inputs when the cores are busy.
         method_ = "exact" if len(feats) <= MAX_POINTS_EXACT_TSNE else "barnes_hut"
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
                     method=method_).fit_transform(feats), "t-SNE"

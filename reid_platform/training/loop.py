@@ -377,6 +377,9 @@ class WorkerRun:
         if "rank1" in metrics:
             line += (f" | rank1 {metrics['rank1']:.4f} mAP {metrics['mAP']:.4f} "
                      f"mINP {metrics['mINP']:.4f}")
+        if "reverse_rank1" in metrics:  # the cross-modal protocol's other direction
+            line += (f" | reverse rank1 {metrics['reverse_rank1']:.4f} "
+                     f"mAP {metrics['reverse_mAP']:.4f} | score {metrics['score']:.4f}")
         if self._skipped:
             line += (f" | skipped {len(self._skipped)} corrupt image(s), "
                      f"e.g. {self._skipped[0]}")
