@@ -8,6 +8,9 @@
     python jobs/evaluate.py --checkpoint CKPT --activation-maps 8   # where the model looks
     python jobs/evaluate.py --checkpoint CKPT --tta flip            # mean with mirror images
     python jobs/evaluate.py --smoke-test                            # tiny model + tiny data
+    python jobs/evaluate.py --checkpoint CKPT --feature pre_bn      # features before the BNNeck
+    python jobs/evaluate.py --checkpoint CKPT --set data.protocol=cross_modal \
+        data.query_modality=optical data.gallery_modality=sar      # both directions
 
 The dataset is the first checkpoint's own (`data.*` of its config) unless `--config` (its
 `data` section) or `--set data.*=...` override it. Writes report.json and the pictures to
@@ -15,6 +18,12 @@ The dataset is the first checkpoint's own (`data.*` of its config) unless `--con
 post-processing flags come from the step table (`reid_platform.evaluation.variants.STEPS`).
 Every variant is scored in blocks of queries, so any gallery size fits in memory. The last
 line printed is `report: <path to report.json>`.
+
+With `data.protocol: cross_modal` (a cross-modal model's checkpoint has it from training) the
+test images of `data.query_modality` are ranked against those of `data.gallery_modality` and
+the reverse: every variant gets `rank1`, `mAP`, ... and `reverse_rank1`, `reverse_mAP`, ...,
+`score` their mean; the pictures add the t-SNE of both modalities (coloured by modality and
+by identity) and the matching / non-matching distance distribution per direction.
 """
 
 from __future__ import annotations
@@ -78,6 +87,12 @@ def parse_args() -> argparse.Namespace:
         default="none",
         help="flip: average every query and gallery embedding with its mirror image's (as the "
         "service's tta: flip)",
+    )
+    parser.add_argument(
+        "--feature",
+        choices=("post_bn", "pre_bn"),
+        default="post_bn",
+        help="embed with the features after (default) or before the BNNeck",
     )
     parser.add_argument(
         "--activation-maps",
@@ -162,6 +177,7 @@ def main() -> None:
         activation_map_count=args.activation_maps,
         say=print,
         tta=args.tta,
+        feature=args.feature,
     )
     report = outcome.report
     queries = report["queries"]
@@ -177,13 +193,27 @@ def main() -> None:
         print(f"  skipped image: {message}")
     if len(skipped) > MAX_SKIPPED_LISTED:
         print(f"  ... and {len(skipped) - MAX_SKIPPED_LISTED} more (all in report.json)")
-    print(format_table(outcome.evaluation.results))
+    metric_names = METRIC_NAMES
+    if outcome.reverse is not None:
+        data = report["dataset"]
+        forward = f"{data['query_modality']} -> {data['gallery_modality']}"
+        backward = f"{data['gallery_modality']} -> {data['query_modality']}"
+        print(f"{forward} (reverse: {report['reverse_queries']['valid']} {backward} queries)")
+        print(format_table(outcome.evaluation.results))
+        print(backward)
+        print(format_table(outcome.reverse.results))
+        for name, values in report["variants"].items():
+            print(f"score {name}: {values['score']:.4f} (mean of both directions)")
+        metric_names = (*METRIC_NAMES, "forward_score",
+                        *(f"reverse_{m}" for m in METRIC_NAMES))
+    else:
+        print(format_table(outcome.evaluation.results))
     print(f"best: {report['best_variant']}")
     if not args.no_mlflow:
         from reid_platform.tracking import log_evaluation
 
         uri, run_id = log_evaluation(
-            report, outcome.report_path, config, METRIC_NAMES, args.run_id
+            report, outcome.report_path, config, metric_names, args.run_id
         )
         print(f"mlflow run: {run_id} ({uri})")
     print(f"report: {outcome.report_path}")

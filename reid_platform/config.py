@@ -37,6 +37,10 @@ class SyntheticConfig:
     height: int = 128
     width: int = 64
     seed: int = 0
+    # Cross-modal tiles instead of people: every identity (a place) rendered in each of these
+    # modalities (`optical`, `sar`), written with a manifest whose `modality` column says
+    # which; the images per camera above are then images per modality (camid = modality).
+    modalities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class AugmentConfig:
     random_patch_p: float = 0.0
     random_shift_p: float = 0.0
     channel_exchange_p: float = 0.0
+    # cross-modal data: channel exchange only on the images of this modality (e.g. optical;
+    # empty = every image)
+    channel_exchange_modality: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,15 @@ class DataConfig:
     loader_workers: int = 2
     cache: Literal["none", "ram"] = "none"  # ram: decode + resize each train image once
     eval_batch_size: int = 128
+    # Cross-modal data (a `modality` column / root/<modality>/<identity>/ folders):
+    # PK batches holding every identity in every modality, K split evenly across them
+    cross_modal_sampling: bool = False
+    # market = the Market-1501 protocol on query vs gallery; cross_modal = the test images of
+    # query_modality against those of gallery_modality and the reverse (empty = the model's
+    # first and second modality)
+    protocol: Literal["market", "cross_modal"] = "market"
+    query_modality: str = ""
+    gallery_modality: str = ""
     # More training sources: CSV manifests (e.g. pseudo-label files) or dataset trees whose
     # training rows join the training split, their ids kept apart from the others.
     extra_train: tuple[str, ...] = ()
@@ -123,6 +139,12 @@ class ModelConfig:
     part_dim: int = 256  # MGN / PCB: width of every reduced global or part feature
     pcb_stripes: int = 6
     pcb_rpp: bool = False  # PCB refined part pooling
+    # Pseudo-siamese backbone: the stem and the first N stages get one copy per modality, the
+    # rest is shared (0 = one shared network; the stage count = one network per modality)
+    modality_specific_stages: int = 0
+    # the modalities the model has branches for, first = the default (empty = those of the
+    # training data, in the order they first appear; filled in before training)
+    modalities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +190,17 @@ class LossConfig:
     # e.g. [{name: circle, weight: 1.0}]; `--set loss.extra.circle.weight=0.5` sets (or adds)
     # the entry named circle
     extra: tuple[ExtraLoss, ...] = ()
+    # cross-modal data: the triplet term mines its hardest positive and negative among the
+    # images of the other modalities only
+    cross_modal_triplet: bool = False
+    # modality-adversarial term: a discriminator guesses the modality of the embedding, the
+    # model learns to fool it through a gradient-reversal layer (0 = off)
+    adversarial_weight: float = 0.0
+    adversarial_lr: float = 1e-3  # the discriminator's own Adam optimizer
+    adversarial_hidden: int = 256  # width of the discriminator's hidden layer
+    # modalities the discriminator tells apart (0 = those of model.modalities; the driver
+    # fills it in)
+    adversarial_modalities: int = 0
 
 
 @dataclass(frozen=True)

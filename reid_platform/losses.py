@@ -1,11 +1,13 @@
 """Losses of the BoT recipe as small composable modules.
 
-- `TripletLoss`: batch-hard mining, margin or soft margin, Euclidean or cosine distance.
+- `TripletLoss`: batch-hard mining, margin or soft margin, Euclidean or cosine distance;
+  cross-modal mining (positives and negatives from the other modalities only).
 - `CrossEntropyLabelSmooth`: ID loss with label smoothing.
 - `CenterLoss`: pulls features to a learned per-class centre.
 - `LossTerm`: one weighted term of the training loss over the model's `ReidOutput`; it owns
   its parameters and, if it has one, its optimizer step (`IdLossTerm`, `TripletLossTerm`,
-  `CenterLossTerm`).
+  `CenterLossTerm`, `ModalityAdversarialTerm`: a modality discriminator behind a
+  gradient-reversal layer).
 - `MetricLearningTerm`: the wider loss zoo from pytorch-metric-learning (contrastive, circle,
   multi-similarity, cross-batch memory), configured by `loss.extra`, with every rank's
   embeddings gathered before mining under DDP.
@@ -50,13 +52,15 @@ DISTANCES = {"euclidean": euclidean_dist, "cosine": cosine_dist}
 
 
 def hard_example_mining(
-    dist: torch.Tensor, pids: torch.Tensor
+    dist: torch.Tensor, pids: torch.Tensor, modality: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each anchor, the farthest positive and the closest negative distance.
 
     Args:
         dist: (B, B) pairwise distances.
         pids: (B,) identity labels.
+        modality: (B,) modality indices: mine only among the other modalities' images
+            (cross-modal triplet); an anchor without a positive there gets dist_ap = -inf.
 
     Returns:
         (dist_ap, dist_an), each (B,). An anchor's farthest positive may be itself (distance
@@ -64,8 +68,12 @@ def hard_example_mining(
         identity in the batch) gets dist_an = +inf, which the caller masks out.
     """
     same = pids.unsqueeze(0) == pids.unsqueeze(1)  # (B, B)
+    different = ~same
+    if modality is not None:
+        other = modality.unsqueeze(0) != modality.unsqueeze(1)  # (B, B)
+        same, different = same & other, different & other
     dist_ap = torch.where(same, dist, torch.full_like(dist, -torch.inf)).max(dim=1).values
-    dist_an = torch.where(~same, dist, torch.full_like(dist, torch.inf)).min(dim=1).values
+    dist_an = torch.where(different, dist, torch.full_like(dist, torch.inf)).min(dim=1).values
     return dist_ap, dist_an
 
 
@@ -87,10 +95,14 @@ class TripletLoss(nn.Module):
         self.soft_margin = soft_margin
         self.distance = DISTANCES[distance]
 
-    def forward(self, features: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, pids: torch.Tensor,
+                modality: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean hinge over anchors; with `modality` (B,), positives and negatives come from
+        the other modalities only."""
         dist = self.distance(features, features)  # (B, B)
-        dist_ap, dist_an = hard_example_mining(dist, pids)
-        valid = torch.isfinite(dist_an)  # anchors with at least one negative
+        dist_ap, dist_an = hard_example_mining(dist, pids, modality)
+        # anchors with a negative (and, cross-modal, a positive in another modality)
+        valid = torch.isfinite(dist_an) & torch.isfinite(dist_ap)
         if not valid.any():
             return features.sum() * 0.0  # one identity in the batch: nothing to contrast
         diff = dist_ap[valid] - dist_an[valid]
@@ -199,20 +211,101 @@ class IdLossTerm(LossTerm):
 
 
 class TripletLossTerm(LossTerm):
-    """Batch-hard triplet loss on the pre-BNNeck features of every metric branch, summed."""
+    """Batch-hard triplet loss on the pre-BNNeck features of every metric branch, summed.
+
+    With `cross_modal` (`loss.cross_modal_triplet`) the hardest positive and negative of each
+    anchor come from the other modalities of the batch (`modality`), so the term pulls the
+    modalities of an identity together instead of matching within one sensor.
+    """
 
     name = "triplet"
 
     def __init__(self, weight: float, branches: Sequence[BranchSpec], margin: float = 0.3,
-                 soft_margin: bool = False, distance: str = "euclidean"):
+                 soft_margin: bool = False, distance: str = "euclidean",
+                 cross_modal: bool = False):
         super().__init__(weight)
         self.metric = [i for i, b in enumerate(branches) if b.metric]
         self.loss = TripletLoss(margin, soft_margin, distance)
+        self.cross_modal = cross_modal
 
     def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        modality = None
+        if self.cross_modal:
+            modality = _batch_modality(batch, "loss.cross_modal_triplet")
         return sum(
-            self.loss(output.branches[i].features.float(), batch["pid"]) for i in self.metric
+            self.loss(output.branches[i].features.float(), batch["pid"], modality)
+            for i in self.metric
         )
+
+
+def _batch_modality(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if batch.get("modality") is None:
+        raise ValueError(
+            f"{key} needs cross-modal data: batches with a modality (a modality column in the "
+            "manifest, root/<modality>/<identity>/ folders or data.synthetic.modalities)"
+        )
+    return batch["modality"]
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient times -scale backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`x` unchanged, with its gradient multiplied by -scale on the way back."""
+    return GradientReversal.apply(x, scale)
+
+
+class ModalityAdversarialTerm(LossTerm):
+    """Modality-adversarial loss: a discriminator (MLP) guesses each image's modality from
+    its embedding (the branches' pre-BNNeck features concatenated), through a
+    gradient-reversal layer.
+
+    The term's value is the discriminator's cross-entropy. Minimising the weighted total
+    trains the discriminator to tell the modalities apart (its own Adam optimizer, stepped
+    by `optimizer_step` with the loss weight undone, so it learns at `lr` whatever the
+    weight), while the reversed gradient pushes the model to make them indistinguishable.
+
+    Args:
+        weight: `loss.adversarial_weight` (the strength of the reversed gradient).
+        branches: the model's branches (their widths make the embedding).
+        num_modalities: classes of the discriminator.
+        hidden: its hidden width; lr: its Adam learning rate.
+    """
+
+    name = "adversarial"
+
+    def __init__(self, weight: float, branches: Sequence[BranchSpec], num_modalities: int = 2,
+                 hidden: int = 256, lr: float = 1e-3):
+        super().__init__(weight)
+        if num_modalities < 2:
+            raise ValueError(
+                f"loss.adversarial_weight needs two or more modalities, got {num_modalities}")
+        dim = sum(b.dim for b in branches)
+        self.discriminator = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_modalities))
+        self.lr = lr
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        modality = _batch_modality(batch, "loss.adversarial_weight")
+        features = torch.cat([b.features.float() for b in output.branches], dim=1)  # (B, D)
+        logits = self.discriminator(reverse_gradient(features))  # (B, M)
+        return F.cross_entropy(logits, modality)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_scale: float) -> None:
+        super().optimizer_step(optimizer, grad_scale * self.weight)
 
 
 class CenterLossTerm(LossTerm):
@@ -355,11 +448,16 @@ def build_terms(config: LossConfig, num_classes: int,
     terms: list[LossTerm] = []
     if config.id_weight > 0:
         terms.append(IdLossTerm(config.id_weight, config.label_smoothing))
+    if config.adversarial_weight > 0:
+        terms.append(ModalityAdversarialTerm(
+            config.adversarial_weight, branches, config.adversarial_modalities or 2,
+            config.adversarial_hidden, config.adversarial_lr))
     if not any(b.metric for b in branches):
         return terms
     if config.triplet_weight > 0:
         terms.append(TripletLossTerm(config.triplet_weight, branches, config.margin,
-                                     config.soft_margin, config.distance))
+                                     config.soft_margin, config.distance,
+                                     config.cross_modal_triplet))
     if config.center_weight > 0:
         terms.append(CenterLossTerm(config.center_weight, num_classes, branches,
                                     config.center_lr))

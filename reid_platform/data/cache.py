@@ -18,7 +18,12 @@ import cv2
 import numpy as np
 import torch
 
-from reid_platform.data.dataset import ImageDecodeError, read_image
+from reid_platform.data.dataset import (
+    ImageDecodeError,
+    make_item,
+    modality_indices,
+    read_image,
+)
 from reid_platform.data.formats import Sample
 
 # Refuse a cache larger than this share of the machine's memory (the workers, the model and
@@ -52,15 +57,18 @@ class RamCachedDataset(torch.utils.data.Dataset):
             pipeline's first step would (bilinear), so that step leaves them unchanged.
         transform: the albumentations training pipeline (ending in ToTensorV2).
         threads: decoding threads (PIL and OpenCV release the GIL).
+        modalities: the model's modalities (items carry `modality`, as `ImageDataset`'s).
 
     Raises:
         CacheError: the cache would take more than half of the machine's memory.
     """
 
     def __init__(self, samples: Sequence[Sample], height: int, width: int,
-                 transform: Callable[..., dict[str, Any]], threads: int = 2):
+                 transform: Callable[..., dict[str, Any]], threads: int = 2,
+                 modalities: Sequence[str] = ()):
         self.samples = list(samples)
         self.transform = transform
+        self.modality = modality_indices(self.samples, modalities) if modalities else None
         size = cache_bytes(len(self.samples), height, width)
         memory = _physical_memory()
         if memory and size > MAX_MEMORY_SHARE * memory:
@@ -100,9 +108,5 @@ class RamCachedDataset(torch.utils.data.Dataset):
             return ("corrupt", self.errors[index])
         sample = self.samples[index]
         image = np.ascontiguousarray(self.images[index].numpy())  # (H, W, 3) uint8 copy
-        return {
-            "image": self.transform(image=image)["image"],
-            "pid": sample.pid,
-            "camid": sample.camid,
-            "index": index,
-        }
+        return make_item(sample, index, image, self.transform,
+                         None if self.modality is None else self.modality[index])

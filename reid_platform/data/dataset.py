@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from reid_platform.data.formats import Sample
+from reid_platform.data.transforms import apply_transform
 
 # Decompression bombs: a served or scraped image may declare billions of pixels in a few KB
 # (a 117 KB PNG can declare 11000 x 11000). PIL's own limit only warns below twice this value,
@@ -128,17 +129,60 @@ def crop_box(array: np.ndarray, box: Sequence[int], source: str = "image") -> np
     return array[y : min(y + h, height), x : min(x + w, width)]
 
 
+def modality_indices(samples: Sequence[Sample], modalities: Sequence[str],
+                     what: str = "the data") -> list[int]:
+    """Each sample's position in `modalities` (the model's branches), 0 for unimodal ones.
+
+    Raises:
+        ValueError: a sample's modality is not in `modalities`, naming it and the known ones.
+    """
+    position = {m: n for n, m in enumerate(modalities)}
+    out = []
+    for sample in samples:
+        if sample.modality and sample.modality not in position:
+            raise ValueError(
+                f"{what} has modality {sample.modality!r} ({sample.path}) but the model has "
+                f"branches for {list(modalities)} only (model.modalities)"
+            )
+        out.append(position.get(sample.modality, 0))
+    return out
+
+
+def make_item(sample: Sample, index: int, image: np.ndarray, transform: Callable[..., Any],
+              modality: int | None) -> dict[str, Any]:
+    """The item every dataset yields: image tensor, pid, camid, index and (cross-modal data)
+    the modality index."""
+    item = {
+        "image": apply_transform(transform, image, sample.modality),
+        "pid": sample.pid,
+        "camid": sample.camid,
+        "index": index,
+    }
+    if modality is not None:
+        item["modality"] = modality
+    return item
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples -> dicts of image tensor, pid, camid and index; None for a corrupt image.
+    """Samples -> dicts of image tensor, pid, camid, index (and modality); a corrupt image
+    gives ("corrupt", message).
 
     Args:
         samples: what to read.
-        transform: an albumentations pipeline ending in ToTensorV2.
+        transform: an albumentations pipeline ending in ToTensorV2 (or a
+            `ModalityTransforms`, one per modality).
+        modalities: the model's modalities: items then carry `modality`, the sample's
+            position in it (empty = unimodal, no `modality` key).
+
+    Raises:
+        ValueError: a sample's modality is not among `modalities`.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]]):
+    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]],
+                 modalities: Sequence[str] = ()):
         self.samples = list(samples)
         self.transform = transform
+        self.modality = modality_indices(self.samples, modalities) if modalities else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -149,12 +193,8 @@ class ImageDataset(torch.utils.data.Dataset):
             image = read_image(sample.path, sample.box)
         except ImageDecodeError as err:
             return ("corrupt", f"{err}")
-        return {
-            "image": self.transform(image=image)["image"],
-            "pid": sample.pid,
-            "camid": sample.camid,
-            "index": index,
-        }
+        return make_item(sample, index, image, self.transform,
+                         None if self.modality is None else self.modality[index])
 
 
 def collate_skip_corrupt(items: list[Any]) -> dict[str, Any]:
@@ -162,16 +202,20 @@ def collate_skip_corrupt(items: list[Any]) -> dict[str, Any]:
 
     Returns:
         {"image": (B, 3, H, W), "pid": (B,), "camid": (B,), "index": (B,), "skipped": [str]}
-        with B possibly 0 when every image of the batch was corrupt.
+        (and "modality": (B,) for cross-modal items) with B possibly 0 when every image of
+        the batch was corrupt.
     """
     good = [item for item in items if isinstance(item, dict)]
     skipped = [item[1] for item in items if not isinstance(item, dict)]
     if not good:
         return {"image": None, "pid": None, "camid": None, "index": None, "skipped": skipped}
-    return {
+    batch = {
         "image": torch.stack([item["image"] for item in good]),
         "pid": torch.tensor([item["pid"] for item in good], dtype=torch.long),
         "camid": torch.tensor([item["camid"] for item in good], dtype=torch.long),
         "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "skipped": skipped,
     }
+    if "modality" in good[0]:
+        batch["modality"] = torch.tensor([item["modality"] for item in good], dtype=torch.long)
+    return batch

@@ -9,7 +9,8 @@
 | `veri776` | `image_train/`, `image_query/`, `image_test/` + `name_{train,query,test}.txt` |
 | `vehicleid` | `image/*.jpg` + `train_test_split/{train_list,test_list_800,...}.txt` |
 | `folder` | `root/<identity>/*.jpg` or `root/{train,query,gallery}/<identity>/*.jpg` |
-| `csv` | a manifest `path,pid,camid,split[,x,y,w,h][,id][,extra...]`, paths relative to it |
+|  | cross-modal: `root/[<split>/]<modality>/<identity>/*.jpg` |
+| `csv` | a manifest `path,pid,camid,split[,x,y,w,h][,id][,modality][,extra...]` |
 
 pid -1 is junk and pid 0 a distractor (both kept in the gallery, never in training or as
 queries). A malformed tree, list or manifest raises `DatasetError` naming the file (and line)
@@ -56,6 +57,7 @@ class Sample:
     box: tuple[int, int, int, int] | None = None  # x, y, w, h crop in pixels
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     item_id: str = ""  # stable string id: path relative to the root unless the manifest says
+    modality: str = ""  # sensing modality (optical, sar, infrared, ...); "" = unimodal data
 
 
 @dataclass
@@ -79,18 +81,32 @@ class ReidDataset:
     def num_train_pids(self) -> int:
         return len({s.pid for s in self.train})
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities of the data in the order they first appear (train, query, gallery);
+        () for unimodal data."""
+        return data_modalities(self.train + self.query + self.gallery)
+
     def summary(self) -> str:
         def line(split: str, samples: list[Sample]) -> str:
             pids = {s.pid for s in samples}
             cams = {s.camid for s in samples}
-            return (
-                f"  {split:<8} {len(pids):>6} ids {len(samples):>8} images {len(cams):>4} cameras"
-            )
+            text = (f"  {split:<8} {len(pids):>6} ids {len(samples):>8} images "
+                    f"{len(cams):>4} cameras")
+            counts = Counter(s.modality for s in samples if s.modality)
+            if counts:
+                text += " (" + ", ".join(f"{m} {n}" for m, n in counts.items()) + ")"
+            return text
 
         lines = [f"dataset {self.name} at {self.root}"]
         if self.eval_root is not None:
             lines.append(f"  query and gallery from {self.eval_name} at {self.eval_root}")
         return "\n".join(lines + [line(n, getattr(self, n)) for n in SPLITS])
+
+
+def data_modalities(samples: list[Sample]) -> tuple[str, ...]:
+    """The distinct non-empty `modality` values of `samples`, in order of first appearance."""
+    return tuple(dict.fromkeys(s.modality for s in samples if s.modality))
 
 
 class _Skipped:
@@ -671,10 +687,46 @@ def stratified_test_ids(image_counts: dict[str, int], test_fraction: float) -> s
     return {eligible[i][2] for i in positions}
 
 
+def _is_modality_layout(directory: Path) -> bool:
+    """Whether `directory` holds `<modality>/<identity>/*` (folders of identity folders)
+    rather than `<identity>/*`: its subfolders hold no images themselves, only folders."""
+    found_nested = False
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            with os.scandir(entry.path) as inner:
+                for item in inner:
+                    if item.is_file() and Path(item.name).suffix.lower() in IMAGE_SUFFIXES:
+                        return False
+                    found_nested = found_nested or item.is_dir()
+    return found_nested
+
+
+Tagged = list[tuple[Path, str]]  # (image, modality) pairs
+
+
+def _tagged_images(directory: Path, skipped: _Skipped, modal: bool) -> dict[str, Tagged]:
+    """identity -> its images with their modality, from `<identity>/*` or (modal)
+    `<modality>/<identity>/*` (an identity is the same across modalities by folder name)."""
+    if not modal:
+        return {ident: [(p, "") for p in images]
+                for ident, images in _images_by_identity(directory, skipped).items()}
+    out: dict[str, Tagged] = defaultdict(list)
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            skipped.add("file(s) outside modality folders", Path(entry.path))
+            continue
+        for ident, images in _images_by_identity(Path(entry.path), skipped).items():
+            out[ident].extend((p, entry.name) for p in images)
+    return dict(out)
+
+
 def load_folder(
     root: str | Path, test_fraction: float = 0.5, *, need_train: bool = True
 ) -> ReidDataset:
-    """Read `root/<identity>/*` (split by identity) or `root/{train,query,gallery}/<identity>/*`.
+    """Read `root/<identity>/*` (split by identity) or `root/{train,query,gallery}/<identity>/*`;
+    cross-modal data as `root/<modality>/<identity>/*` (or `root/<split>/<modality>/<identity>/*`).
 
     Without explicit splits, `test_fraction` of the identities with 2+ images are held out,
     stratified by image count (`stratified_test_ids`); of each test identity the first image
@@ -682,10 +734,16 @@ def load_folder(
     every identity is a test identity and single-image ones join the gallery as distractors.
     Without cameras, query images get camid 0 and gallery images camid 1, so the
     Market-1501 protocol (same pid + same camera is junk) still evaluates.
+
+    Cross-modal folders: an identity is one folder name across the modality folders; every
+    image gets its modality (the folder's name) and, as a sensor of its own, camid = the
+    modality's position among the sorted modality folders. A held-out identity's images of
+    the first modality are its queries, the others its gallery.
     """
     root = _require_dir(root)
     skipped = _Skipped(root)
-    names: dict[str, dict[str, list[Path]]] = {s: {} for s in SPLITS}
+    names: dict[str, dict[str, Tagged]] = {s: {} for s in SPLITS}
+    modal = False
     if (root / "train").is_dir() or (root / "query").is_dir():
         for split in SPLITS:
             if split == "train" and not need_train:
@@ -693,41 +751,56 @@ def load_folder(
             if not (root / split).is_dir():
                 raise DatasetError(
                     f"{root / split}: missing; a tree split by folders has train/, query/ and "
-                    "gallery/, each with <identity>/ folders"
+                    "gallery/, each with <identity>/ (or <modality>/<identity>/) folders"
                 )
-            names[split] = _images_by_identity(root / split, skipped)
+            modal = modal or _is_modality_layout(root / split)
+        for split in SPLITS:
+            if (root / split).is_dir() and (split != "train" or need_train):
+                names[split] = _tagged_images(root / split, skipped, modal)
     else:
-        by_id = _images_by_identity(root, skipped)
+        modal = _is_modality_layout(root)
+        by_id = _tagged_images(root, skipped, modal)
         held_out = stratified_test_ids(
             {ident: len(images) for ident, images in by_id.items()},
             test_fraction if need_train else 1.0,
         )
+        first_modality = min((m for images in by_id.values() for _, m in images), default="")
         for ident, images in by_id.items():
             if ident in held_out:
-                names["query"][ident] = images[:1]
-                names["gallery"][ident] = images[1:]
+                if modal:
+                    names["query"][ident] = [x for x in images if x[1] == first_modality]
+                    names["gallery"][ident] = [x for x in images if x[1] != first_modality]
+                else:
+                    names["query"][ident] = images[:1]
+                    names["gallery"][ident] = images[1:]
             elif need_train:
                 names["train"][ident] = images
             else:
                 names["gallery"][ident] = images  # a distractor
     all_ids = sorted({i for split in names.values() for i in split})
     if not all_ids:
-        raise DatasetError(f"{root}: no identity folders with images (expected root/<id>/*.jpg)")
+        raise DatasetError(
+            f"{root}: no identity folders with images (expected root/<id>/*.jpg or "
+            "root/<modality>/<id>/*.jpg)"
+        )
     pid_of = {ident: n for n, ident in enumerate(all_ids)}
+    modality_camid = {m: n for n, m in enumerate(sorted(
+        {m for split in names.values() for images in split.values() for _, m in images}))}
     splits: dict[str, list[Sample]] = {}
     for split in SPLITS:
-        camid = 1 if split == "gallery" else 0
+        default_camid = 1 if split == "gallery" else 0
         splits[split] = [
             Sample(
                 str(p),
                 pid_of[ident],
-                camid,
+                modality_camid[modality] if modal else default_camid,
                 split,
                 item_id=str(p.relative_to(root)),
                 meta={"identity": ident},
+                modality=modality,
             )
             for ident, images in names[split].items()
-            for p in images
+            for p, modality in images
         ]
         if not splits[split] and (split != "train" or need_train):
             raise DatasetError(f"{root}: the {split} split is empty")
@@ -794,13 +867,14 @@ def load_csv(
     allow_outside_root: bool = False,
     encoding: str = "utf-8",
 ) -> ReidDataset:
-    """Read a CSV manifest `path,pid,camid,split[,x,y,w,h][,id][,extra...]`.
+    """Read a CSV manifest `path,pid,camid,split[,x,y,w,h][,id][,modality][,extra...]`.
 
     Paths are relative to the CSV's folder, the dataset root; a path that leads outside it
     (`../..`, an absolute path) is refused unless `allow_outside_root` (the check is on the
     written path: symlinks inside the root are followed). `split` is train, query or
     gallery; box columns (all four or none) crop the region of interest, in pixels; an `id`
-    column gives item ids; any other column is kept as metadata. camid may be empty: query
+    column gives item ids; a `modality` column (any non-empty strings: optical, sar, ...)
+    makes the data cross-modal; any other column is kept as metadata. camid may be empty: query
     then gets 0 and gallery 1. The file is `encoding` (a UTF-8 byte-order mark is accepted);
     bytes that are not are an error naming the line, as the encoding cannot be guessed
     reliably (latin-1 decodes any bytes, wrongly).
@@ -842,7 +916,8 @@ def load_csv(
         has_box = [c in header for c in CSV_BOX]
         if any(has_box) and not all(has_box):
             raise DatasetError(f"{manifest}: box columns must be all of x,y,w,h or none")
-        extra = [c for c in header if c not in (*CSV_REQUIRED, *CSV_BOX, "id")]
+        has_modality = "modality" in header
+        extra = [c for c in header if c not in (*CSV_REQUIRED, *CSV_BOX, "id", "modality")]
         for row in reader:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             where = f"{manifest}:{reader.line_num}"
@@ -868,6 +943,12 @@ def load_csv(
                     f"(to {resolved}); set data.allow_outside_root: true to allow it"
                 )
             box = parse_box(row, where) if all(has_box) else None
+            modality = row["modality"] if has_modality else ""
+            if has_modality and not modality:
+                raise DatasetError(
+                    f"{where}: modality is empty; with a modality column every row names its "
+                    "modality (e.g. optical, sar)"
+                )
             if split != "gallery" and pid < 0:
                 continue  # junk in the manifest: gallery only
             meta = {c: row[c] for c in extra}
@@ -880,6 +961,7 @@ def load_csv(
                     box=box,
                     meta=meta,
                     item_id=row.get("id") or row["path"],
+                    modality=modality,
                 )
             )
     except csv.Error as err:
@@ -946,7 +1028,11 @@ def load_dataset(
         fmt = detect_format(root)
     readers: dict[str, Callable[[], ReidDataset]] = {
         "market1501": lambda: load_market1501(root, need_train=need_train),
-        "synthetic": lambda: load_market1501(root, need_train=need_train),
+        # a Market-1501 tree, or the cross-modal tiles' manifest
+        "synthetic": lambda: (
+            load_csv(Path(root) / "manifest.csv", need_train=need_train)
+            if (Path(root) / "manifest.csv").is_file()
+            else load_market1501(root, need_train=need_train)),
         "dukemtmc": lambda: load_dukemtmc(root, need_train=need_train),
         "msmt17": lambda: load_msmt17(root, msmt17_include_val, need_train=need_train),
         "cuhk03": lambda: load_cuhk03(root, cuhk03_variant, need_train=need_train),

@@ -20,6 +20,12 @@ def synthetic_root(config: Config) -> Path:
     config find (or generate) the same tree.
     """
     s = config.data.synthetic
+    if s.modalities:  # cross-modal tiles: images per camera are images per modality
+        return config.workspace_dir / "data" / (
+            f"tiles-{'-'.join(s.modalities)}-{s.num_train_ids}-{s.num_test_ids}-"
+            f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
+            f"{s.height}x{s.width}-seed{s.seed}"
+        )
     return config.workspace_dir / "data" / (
         f"synthetic-{s.num_train_ids}-{s.num_test_ids}-{s.num_cameras}-"
         f"{s.min_images_per_camera}to{s.max_images_per_camera}-"
@@ -76,16 +82,27 @@ def resolve_data_root(config: Config, progress: bool = True) -> Config:
     root = data.root
     if data.format == "synthetic":
         from reid_platform.data.synthetic import ensure_synthetic
+        from reid_platform.data.synthetic_tiles import ensure_tiles
 
         s = data.synthetic
         root = root or str(synthetic_root(config))
         try:
-            ensure_synthetic(
-                root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
-                num_cameras=s.num_cameras,
-                images_per_id_per_camera=(s.min_images_per_camera, s.max_images_per_camera),
-                height=s.height, width=s.width, seed=s.seed, progress=progress,
-            )
+            if s.modalities:
+                ensure_tiles(
+                    root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                    modalities=tuple(s.modalities),
+                    images_per_id_per_modality=(s.min_images_per_camera,
+                                                s.max_images_per_camera),
+                    height=s.height, width=s.width, seed=s.seed, progress=progress,
+                )
+            else:
+                ensure_synthetic(
+                    root, num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+                    num_cameras=s.num_cameras,
+                    images_per_id_per_camera=(s.min_images_per_camera,
+                                              s.max_images_per_camera),
+                    height=s.height, width=s.width, seed=s.seed, progress=progress,
+                )
         except ValueError as err:
             raise ConfigError(f"data.root / data.synthetic: {err}") from None
     elif not root:
@@ -155,3 +172,64 @@ def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
         for note in dataset.notes:
             logger.warning("[data] warning: %s", note)
     return dataset
+
+
+def resolve_modalities(config: Config, dataset: ReidDataset) -> Config:
+    """The config with `model.modalities` filled from the data (empty: those of the training
+    split, in order of appearance) and the cross-modal settings checked against the data.
+
+    Raises:
+        ConfigError: a modality of the data that the model has no branch for, cross-modal
+            sampling or protocol on data with fewer than two modalities, or a query/gallery
+            modality without test images.
+    """
+    from reid_platform.models import check_model
+
+    data, model = config.data, config.model
+    modalities = model.modalities or dataset.modalities
+    unknown = [m for m in dataset.modalities if m not in modalities]
+    if unknown:
+        raise ConfigError(
+            f"the data has modality {unknown[0]!r} but model.modalities={list(modalities)} "
+            "has no branch for it; add it to model.modalities (or leave them empty)"
+        )
+    cross = data.cross_modal_sampling or data.protocol == "cross_modal"
+    if cross and len(dataset.modalities) < 2:
+        raise ConfigError(
+            f"data.cross_modal_sampling / data.protocol=cross_modal need data with two or more "
+            f"modalities; {data.root} has {list(dataset.modalities) or 'none'} (a modality "
+            "column in the manifest, or root/<modality>/<identity>/ folders)"
+        )
+    if data.protocol == "cross_modal":
+        from reid_platform.evaluation.crossmodal import cross_modal_split
+
+        try:
+            cross_modal_split(dataset, data.query_modality, data.gallery_modality)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if data.augment.channel_exchange_modality and (
+            data.augment.channel_exchange_modality not in dataset.modalities):
+        raise ConfigError(
+            f"data.augment.channel_exchange_modality={data.augment.channel_exchange_modality!r}"
+            f" is not a modality of the data ({list(dataset.modalities)})"
+        )
+    overrides: dict[str, object] = {}
+    if config.loss.adversarial_weight > 0 and not config.loss.adversarial_modalities:
+        if len(modalities) < 2:
+            raise ConfigError(
+                f"loss.adversarial_weight={config.loss.adversarial_weight} needs data with two "
+                f"or more modalities; {data.root} has {list(modalities) or 'none'}"
+            )
+        overrides["loss.adversarial_modalities"] = len(modalities)
+    if config.loss.cross_modal_triplet and len(modalities) < 2:
+        raise ConfigError(
+            f"loss.cross_modal_triplet needs data with two or more modalities; {data.root} "
+            f"has {list(modalities) or 'none'}"
+        )
+    if not model.modalities:
+        overrides["model.modalities"] = list(modalities)
+    if not overrides:
+        return config
+    config = config.replace(**overrides)
+    check_model(config.model, (data.height, data.width))
+    return config

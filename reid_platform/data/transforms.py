@@ -179,8 +179,48 @@ class RandomPatch(A.ImageOnlyTransform):
         return ("pool_size", "min_pool", "area_range", "aspect_range", "flip_p")
 
 
-def build_train_transform(height: int, width: int, augment: AugmentConfig) -> A.Compose:
-    """The BoT training pipeline: resize, flip, pad + crop, colour, patch/shift, erasing."""
+class ModalityTransforms:
+    """One training pipeline per modality, for cross-modal data whose augmentation differs
+    by modality (channel exchange on the optical side only). Called like an albumentations
+    pipeline, with the image's `modality` (a name; unknown or empty = `default`).
+
+    Args:
+        by_modality: modality name -> its pipeline.
+        default: the pipeline of every other modality.
+    """
+
+    def __init__(self, by_modality: dict[str, A.Compose], default: A.Compose):
+        self.by_modality = dict(by_modality)
+        self.default = default
+
+    def __call__(self, image: np.ndarray, modality: str = "") -> dict[str, Any]:
+        return self.by_modality.get(modality, self.default)(image=image)
+
+
+def apply_transform(transform: Any, image: np.ndarray, modality: str = "") -> Any:
+    """`transform(image=image)["image"]`, routed by `modality` for a `ModalityTransforms`."""
+    if isinstance(transform, ModalityTransforms):
+        return transform(image, modality)["image"]
+    return transform(image=image)["image"]
+
+
+def build_train_transform(height: int, width: int,
+                          augment: AugmentConfig) -> A.Compose | ModalityTransforms:
+    """The BoT training pipeline: resize, flip, pad + crop, colour, patch/shift, erasing.
+
+    With `augment.channel_exchange_modality` (and `channel_exchange_p` > 0), channel
+    exchange applies to that modality's images only: a `ModalityTransforms` whose other
+    modalities get the same pipeline without it.
+    """
+    if augment.channel_exchange_modality and augment.channel_exchange_p > 0:
+        import dataclasses
+
+        plain = build_train_transform(
+            height, width, dataclasses.replace(augment, channel_exchange_p=0.0,
+                                               channel_exchange_modality=""))
+        exchanged = build_train_transform(
+            height, width, dataclasses.replace(augment, channel_exchange_modality=""))
+        return ModalityTransforms({augment.channel_exchange_modality: exchanged}, plain)
     steps: list[A.BasicTransform] = [A.Resize(height, width, interpolation=cv2.INTER_LINEAR)]
     if augment.flip_p > 0:
         steps.append(A.HorizontalFlip(p=augment.flip_p))

@@ -47,6 +47,8 @@ def extract_features(
     progress: bool = False,
     desc: str = "embedding",
     flip: bool = False,
+    modalities: Sequence[str] = (),
+    feature: str = "post_bn",
 ) -> Features:
     """Run `model.embed` over samples in batches (model put in eval mode).
 
@@ -54,6 +56,9 @@ def extract_features(
         flip: flip test-time augmentation: each embedding is the normalised mean of the
             image's and its mirror's (`retrieval.embedders.embed_views`, as the service's
             `tta: flip`).
+        modalities: the model's modalities (`model.modalities`): each image goes through its
+            own modality's branch (empty: unimodal, the default branch).
+        feature: "post_bn" (after the BNNeck, the default) or "pre_bn" embeddings.
 
     Returns:
         Features with L2-normalised (N, D) float32 embeddings.
@@ -61,7 +66,7 @@ def extract_features(
     from reid_platform.retrieval.embedders import embed_views, flip_mean
 
     model.eval()
-    dataset = ImageDataset(samples, build_eval_transform(height, width))
+    dataset = ImageDataset(samples, build_eval_transform(height, width), modalities)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate_skip_corrupt,
@@ -74,7 +79,10 @@ def extract_features(
             continue
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             images = batch["image"].to(device, non_blocking=True)
-            emb = flip_mean(embed_views(model, images)) if flip else model.embed(images)
+            modality = batch.get("modality")
+            modality = None if modality is None else modality.to(device)
+            emb = (flip_mean(embed_views(model, images, modality, feature)) if flip
+                   else model.embed(images, modality, feature))
         feats.append(emb.float().cpu().numpy())
         pids.append(batch["pid"].numpy())
         camids.append(batch["camid"].numpy())
@@ -101,14 +109,17 @@ def evaluate_model(
     num_workers: int = 0,
     amp: bool = False,
     metric: str = "cosine",
+    modalities: Sequence[str] = (),
+    feature: str = "post_bn",
 ) -> tuple[RankResult, int]:
-    """Embed query and gallery and evaluate in query blocks (no full distance matrix).
+    """Embed query and gallery and evaluate in query blocks (no full distance matrix);
+    `modalities` and `feature` as in `extract_features`.
 
     Returns:
         (result, number of images that could not be decoded and were left out).
     """
     kwargs = dict(height=height, width=width, batch_size=batch_size, device=device,
-                  num_workers=num_workers, amp=amp)
+                  num_workers=num_workers, amp=amp, modalities=modalities, feature=feature)
     q = extract_features(model, query, desc="query", **kwargs)
     g = extract_features(model, gallery, desc="gallery", **kwargs)
     result = evaluate_features(q.feats, g.feats, q.pids, g.pids, q.camids, g.camids, metric)

@@ -324,20 +324,8 @@ def plot_embedding_scatter(
     if len(feats) > max_points:
         subset = np.sort(np.random.default_rng(seed).choice(len(feats), max_points, replace=False))
         feats, pids = feats[subset], pids[subset]
-    if method == "tsne" and len(feats) >= MIN_POINTS_FOR_TSNE:
-        from sklearn.manifold import TSNE
-
-        perplexity = min(30.0, (len(feats) - 1) / 3.0)
-        # Exact gradients are fast for a few hundred points and single-threaded; Barnes-Hut's
-        # OpenMP threads cost seconds even on tiny inputs when the cores are busy.
-        method_ = "exact" if len(feats) <= MAX_POINTS_EXACT_TSNE else "barnes_hut"
-        points = TSNE(
-            n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method_
-        ).fit_transform(feats)
-        used, note = "t-SNE", ""
-    else:
-        points = _pca_2d(feats)
-        used, note = "PCA", "" if method == "pca" else " (too few points for t-SNE)"
+    points, used = _project_2d(feats, method, seed)
+    note = "" if used == "t-SNE" or method == "pca" else " (too few points for t-SNE)"
 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     identities = np.unique(pids)
@@ -459,6 +447,145 @@ def plot_activation_maps(
         "below each query: where its backbone feature map is strongest (red) and weakest (blue)",
         ha="center", va="top", fontsize=7,
     )  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- cross-modal pictures -------------------------------------------------------------------
+
+
+def _project_2d(feats: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """(N, 2) points of a t-SNE (PCA below MIN_POINTS_FOR_TSNE points) or PCA projection."""
+    if method == "tsne" and len(feats) >= MIN_POINTS_FOR_TSNE:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (len(feats) - 1) / 3.0)
+        # Exact gradients are fast for a few hundred points and single-threaded; Barnes-Hut's
+        # OpenMP threads cost seconds even on tiny inputs when the cores are busy.
+        method_ = "exact" if len(feats) <= MAX_POINTS_EXACT_TSNE else "barnes_hut"
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                    method=method_).fit_transform(feats), "t-SNE"
+    return _pca_2d(feats), "PCA"
+
+
+def plot_modality_scatter(
+    feats: np.ndarray,
+    pids: np.ndarray,
+    modalities: Sequence[str],
+    path: str | Path,
+    method: str = "tsne",
+    max_ids: int = 20,
+    max_points: int = 400,
+    seed: int = 0,
+    title: str = "",
+) -> Path:
+    """Cross-modal embeddings in 2-D, twice on the same projection: coloured by modality
+    (are the sensors apart or mixed?) and by identity, marker shape = modality.
+
+    Args:
+        feats: (N, D) embeddings of both modalities' images.
+        pids: (N,) identities; the `max_ids` identities with the most images are drawn.
+        modalities: (N,) modality name of each row.
+        path: output PNG path.
+        method: "tsne" or "pca"; max_points: a seeded random subset at most this large.
+
+    Raises:
+        ValueError: shapes that disagree, or an unknown method.
+    """
+    if method not in ("tsne", "pca"):
+        raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
+    feats, pids = np.asarray(feats, dtype=np.float64), np.asarray(pids)
+    names = np.asarray(list(modalities))
+    if feats.ndim != 2 or pids.shape != (len(feats),) or names.shape != (len(feats),) or (
+            len(feats) == 0):
+        raise ValueError(
+            f"feats must be (N, D), pids and modalities (N,) with N >= 1, got shapes "
+            f"{feats.shape}, {pids.shape} and {names.shape}"
+        )
+    total_ids, total_points = len(np.unique(pids)), len(pids)
+    keep = np.isin(pids, _largest_identities(pids, max_ids))
+    feats, pids, names = feats[keep], pids[keep], names[keep]
+    if len(feats) > max_points:
+        subset = np.sort(np.random.default_rng(seed).choice(len(feats), max_points,
+                                                            replace=False))
+        feats, pids, names = feats[subset], pids[subset], names[subset]
+    points, used = _project_2d(feats, method, seed)
+    kinds = list(dict.fromkeys(names.tolist()))
+    markers = "o^sDvP*X"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), dpi=100)
+    palette = plt.get_cmap("Set1")
+    for n, kind in enumerate(kinds):
+        mask = names == kind
+        left.scatter(points[mask, 0], points[mask, 1], s=14, color=palette(n % 9),
+                     marker=markers[n % len(markers)], label=kind)
+    left.legend(title="modality", fontsize=7, title_fontsize=7)
+    left.set_title("coloured by modality", fontsize=9)
+    identities = np.unique(pids)
+    cmap = plt.get_cmap("tab20" if len(identities) <= 20 else "hsv")
+    for n, pid in enumerate(identities):
+        color = cmap(n % 20 if len(identities) <= 20 else n / len(identities))
+        for m, kind in enumerate(kinds):
+            mask = (pids == pid) & (names == kind)
+            right.scatter(points[mask, 0], points[mask, 1], s=16, color=color,
+                          marker=markers[m % len(markers)],
+                          label=str(pid) if m == 0 else None)
+    if len(identities) <= 20:
+        right.legend(title="pid", fontsize=6, title_fontsize=7, loc="center left",
+                     bbox_to_anchor=(1.0, 0.5))
+    right.set_title("coloured by identity (marker = modality)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    caption = scatter_caption(used, len(identities), total_ids, len(pids), total_points)
+    fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_pair_distances(
+    directions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    bins: int = 40,
+    distance_name: str = "cosine distance",
+) -> Path:
+    """Histograms of the query-gallery distances of matching and non-matching pairs, one
+    panel per direction (e.g. "optical->sar"): how far apart the two distributions are is
+    what ranking can use.
+
+    Args:
+        directions: name -> (distances of matching pairs, of non-matching pairs), 1-D each.
+        path: output PNG path.
+
+    Raises:
+        ValueError: no direction, or a direction without any pair.
+    """
+    if not directions:
+        raise ValueError("no direction to draw")
+    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 3.6), dpi=100,
+                             squeeze=False)
+    for ax, (name, (positive, negative)) in zip(axes[0], directions.items()):
+        positive, negative = np.ravel(positive), np.ravel(negative)
+        if positive.size == 0 and negative.size == 0:
+            raise ValueError(f"direction {name!r} has no pairs")
+        both = np.concatenate([positive, negative])
+        edges = np.linspace(float(both.min()), float(both.max()) + 1e-9, bins + 1)
+        for values, label, color in ((negative, "non-matching", "tab:red"),
+                                     (positive, "matching", "tab:green")):
+            if values.size:
+                ax.hist(values, bins=edges, density=True, alpha=0.55, color=color,
+                        label=f"{label} ({values.size}, mean {values.mean():.3f})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(distance_name, fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -381,6 +381,7 @@ def embed_checkpoints(
     progress: bool = True,
     pca_fit_samples: Sequence[Sample] | None = None,
     tta: str = "none",
+    feature: str = "post_bn",
 ) -> tuple[list[ModelEmbeddings], EvalLabels, list[str]]:
     """Embed query and gallery with each checkpoint once (batched, on the GPU when present).
 
@@ -393,6 +394,8 @@ def embed_checkpoints(
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1"...
         pca_fit_samples: also embed these (e.g. training images) to fit PCA whitening on.
         tta: "flip": every image's embedding averaged with its mirror's (`extract_features`).
+        feature: "post_bn" or "pre_bn" embeddings (`ReidModel.embed`). Cross-modal models
+            route every image through its modality's branch (`model.modalities`).
 
     Returns:
         (K ModelEmbeddings, labels of the rows kept, messages of the skipped images).
@@ -412,6 +415,8 @@ def embed_checkpoints(
             progress=progress,
             amp=amp_enabled(checkpoint.config.train.amp, torch_device),
             flip=tta == "flip",
+            modalities=checkpoint.config.model.modalities,
+            feature=feature,
         )
         start = time.perf_counter()
         try:
@@ -634,6 +639,7 @@ class EvaluationOutcome:
     report: dict[str, Any]
     report_path: Path
     evaluation: Evaluation
+    reverse: Evaluation | None = None  # cross-modal protocol: the other direction
 
 
 def run_evaluation(
@@ -648,6 +654,7 @@ def run_evaluation(
     activation_map_count: int = 0,
     say: Callable[[str], None] | None = None,
     tta: str = "none",
+    feature: str = "post_bn",
 ) -> EvaluationOutcome:
     """Embed, evaluate every variant, draw the pictures and write `out_dir/report.json`.
 
@@ -664,6 +671,10 @@ def run_evaluation(
             scored in blocks); None = quiet.
         tta: "none", or "flip" (query and gallery embeddings averaged with their mirror
             images'; recorded in the report).
+        feature: "post_bn" (default) or "pre_bn" embeddings (`--feature`).
+
+    With `data.protocol: cross_modal` both directions are evaluated
+    (`reid_platform.evaluation.crossmodal.run_cross_modal_evaluation`).
 
     Raises:
         EvaluationError, DatasetError, CheckpointError: input that cannot be evaluated.
@@ -677,6 +688,15 @@ def run_evaluation(
     options.check_values()  # before the slow part; the data-dependent checks follow
     config = checkpoints[0].config
     dataset = load_eval_dataset(config)
+    if config.data.protocol == "cross_modal":
+        from reid_platform.evaluation.crossmodal import run_cross_modal_evaluation
+
+        if tta != "none":
+            raise EvaluationError(f"--tta {tta}: not available with data.protocol: cross_modal "
+                                  "(a mirrored SAR tile is another view); use --tta none")
+
+        return run_cross_modal_evaluation(checkpoints, options, out_dir, dataset, device,
+                                          scatter, progress, feature, max_query)
     if max_query > 0 or max_gallery > 0:
         dataset = limit_dataset(
             dataset, max_query or len(dataset.query), max_gallery or len(dataset.gallery)
@@ -691,7 +711,7 @@ def run_evaluation(
         step = max(1, -(-len(dataset.train) // PCA_FIT_MAX_IMAGES))  # ceil division
         fit_samples = dataset.train[::step]
     models, labels, skipped = embed_checkpoints(
-        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples, tta
+        checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples, tta, feature
     )
     note = blocked_note(len(labels.q_pids), len(labels.g_pids))
     if note and say:

@@ -94,6 +94,7 @@ class BoTModel(ReidModel):
         self.backbone = build_backbone(config, input_size)
         if config.last_stride == 1:
             set_last_stride_1(self.backbone)
+        self.trunk = modality_trunk(config, self.backbone)
         width = self.backbone.num_features
         # NetVLAD projects to embedding_dim itself (its PCA step): no extra reduction.
         netvlad = config.pooling == "netvlad"
@@ -110,9 +111,11 @@ class BoTModel(ReidModel):
         self.bnneck = _bnneck(width)
         self.head = _head(config, width, num_classes)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> f_t (B, D), the pooled (and reduced) feature before the BNNeck."""
-        x = self.backbone.forward_features(images)
+    def features(self, images: torch.Tensor,
+                 modality: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> f_t (B, D), the pooled (and reduced) feature before the BNNeck;
+        `modality` (B,) routes each image through its modality's specific stages."""
+        x = _backbone_map(self, images, modality)
         if x.ndim == 3 and self.tokens_own_pooling:  # the class token (or token average)
             x = self.backbone.forward_head(x, pre_logits=True)
         else:
@@ -126,9 +129,112 @@ class BoTModel(ReidModel):
         modality: torch.Tensor | None = None,
         logits: bool = True,
     ) -> list[BranchOutput]:
-        f_t = self.features(images)  # (B, D)
+        f_t = self.features(images, modality)  # (B, D)
         f_i = self.bnneck(f_t)  # (B, D)
         return [BranchOutput(f_t, f_i, self.head(f_i, pids) if logits else None)]
+
+
+# ---- pseudo-siamese backbones ---------------------------------------------------------------
+
+
+def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone as a chain of stages whose composition is its `forward_features`:
+    `[stem, layer1, layer2, layer3, layer4]` for the ResNet family.
+
+    Raises:
+        ModelError: a backbone whose stages are not defined here.
+    """
+    if is_resnet(backbone):
+        return resnet_stages(backbone)
+    raise ModelError(
+        f"model.modality_specific_stages needs a backbone with defined stages (the ResNet "
+        f"family: resnet*, resnext*, seresnet*, ...), got {type(backbone).__name__}"
+    )
+
+
+class ModalityTrunk(nn.Module):
+    """A pseudo-siamese feature extractor: the stem and the first N stages once per modality,
+    the remaining stages shared; image (B, 3, H, W) -> map (B, C, h, w).
+
+    Each sample goes through its own modality's specific stages only (selected by index, so
+    another modality's layers never see it and get no gradient from it); the maps are then
+    put back in batch order and run through the shared stages together. The first modality's
+    specific stages are the backbone's own modules, so with equal weights every modality's
+    branch computes what the shared backbone does.
+
+    Args:
+        stages: the backbone's stages (`backbone_stages`), reused, not copied.
+        num_specific: N, stages after the stem that get a copy per modality (>= 1; the stem is
+            always specific then).
+        num_modalities: M >= 2.
+    """
+
+    def __init__(self, stages: list[nn.Module], num_specific: int, num_modalities: int):
+        super().__init__()
+        first = nn.Sequential(*stages[: num_specific + 1])
+        self.specific = nn.ModuleList(
+            [first] + [copy_module(first) for _ in range(num_modalities - 1)]
+        )
+        self.shared = nn.Sequential(*stages[num_specific + 1:])
+
+    def copies(self) -> Iterator[nn.Parameter]:
+        """Parameters of the other modalities' copies (not the backbone's own)."""
+        for branch in self.specific[1:]:
+            yield from branch.parameters()
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+        if modality is None:  # the default modality: the first
+            return self.shared(self.specific[0](images))
+        parts, order = [], []
+        for index, branch in enumerate(self.specific):
+            selected = (modality == index).nonzero(as_tuple=True)[0]
+            if selected.numel():
+                parts.append(branch(images.index_select(0, selected)))
+                order.append(selected)
+            elif self.training and torch.is_grad_enabled():
+                # DDP needs a gradient for every parameter: an exact zero for this branch
+                parts.append(sum(p.sum() for p in branch.parameters()) * 0.0)
+        maps = [p for p in parts if p.ndim == 4]
+        x = torch.cat(maps, dim=0)
+        # back to batch order: position i of the concatenation holds sample order[i]
+        x = x.index_select(0, torch.argsort(torch.cat(order)))
+        for zero in (p for p in parts if p.ndim == 0):
+            x = x + zero
+        return self.shared(x)
+
+
+def modality_trunk(config: ModelConfig, backbone: nn.Module) -> ModalityTrunk | None:
+    """The pseudo-siamese trunk `model.modality_specific_stages` asks for (None for 0).
+
+    Raises:
+        ModelError: a negative count, more than the backbone's stages, or fewer than two
+            `model.modalities`.
+    """
+    n = config.modality_specific_stages
+    if n == 0:
+        return None
+    if n < 0:
+        raise ModelError(f"model.modality_specific_stages={n} must be >= 0")
+    stages = backbone_stages(backbone)
+    if n > len(stages) - 1:
+        raise ModelError(
+            f"model.modality_specific_stages={n} is more than the {len(stages) - 1} stages of "
+            f"{config.backbone} (after its stem); {len(stages) - 1} = one network per modality"
+        )
+    if len(config.modalities) < 2:
+        raise ModelError(
+            f"model.modality_specific_stages={n} needs two or more model.modalities, got "
+            f"{list(config.modalities)} (filled from the training data's modality column)"
+        )
+    return ModalityTrunk(stages, n, len(config.modalities))
+
+
+def _backbone_map(model: ReidModel, images: torch.Tensor,
+                  modality: torch.Tensor | None) -> torch.Tensor:
+    """The backbone's `forward_features` output, through the modality trunk if any."""
+    if model.trunk is not None:
+        return model.trunk(images, modality)
+    return model.backbone.forward_features(images)
 
 
 # ---- part models ---------------------------------------------------------------------------
@@ -202,7 +308,8 @@ class PartModel(ReidModel):
 
     parts_head: PartHeads
 
-    def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def pooled(self, images: torch.Tensor,
+               modality: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One (B, C) pooled feature per branch, in `branches` order."""
         raise NotImplementedError
 
@@ -213,7 +320,7 @@ class PartModel(ReidModel):
         modality: torch.Tensor | None = None,
         logits: bool = True,
     ) -> list[BranchOutput]:
-        return self.parts_head(self.pooled(images), pids, logits)
+        return self.parts_head(self.pooled(images, modality), pids, logits)
 
 
 class _ViTShared(nn.Module):
@@ -277,6 +384,12 @@ class MGNModel(PartModel):
         _check_common(config, num_classes)
         if not config.parts:
             raise ModelError("model.parts is empty: list the branch splits, e.g. [1, 2, 3]")
+        if config.modality_specific_stages:
+            raise ModelError(
+                f"model.modality_specific_stages={config.modality_specific_stages}: MGN's "
+                "branches copy the deep stages already; use model.arch=bot or pcb for a "
+                "pseudo-siamese backbone"
+            )
         self.config, self.num_classes = config, num_classes
         self.splits = [parse_split(p) for p in config.parts]
         backbone = build_backbone(config, input_size)
@@ -299,7 +412,8 @@ class MGNModel(PartModel):
         self.branches = tuple(BranchSpec(n, config.part_dim, metric) for n, metric in names)
         self._vit = is_vit(backbone)  # tokens are laid out by `self.shared.vit`'s patch grid
 
-    def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def pooled(self, images: torch.Tensor,
+               modality: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The pooled features (B, C) of every branch, global first, in `branches` order."""
         height, width = images.shape[2:]
         shared = self.shared(images)
@@ -357,6 +471,7 @@ class PCBModel(PartModel):
         self.backbone = build_backbone(config, input_size)
         if config.last_stride == 1:
             set_last_stride_1(self.backbone)
+        self.trunk = modality_trunk(config, self.backbone)
         width = self.backbone.num_features
         self.pool = _pooling(config, width)
         self.rpp = RefinedPartPooling(width, stripes) if config.pcb_rpp else None
@@ -364,9 +479,10 @@ class PCBModel(PartModel):
         self.branches = tuple(BranchSpec(f"stripe{i}", config.part_dim, metric=False)
                               for i in range(stripes))
 
-    def pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def pooled(self, images: torch.Tensor,
+               modality: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One pooled (B, C) feature per stripe, top to bottom."""
-        x = feature_map(self.backbone, self.backbone.forward_features(images),
+        x = feature_map(self.backbone, _backbone_map(self, images, modality),
                         *images.shape[2:])
         if self.rpp is not None:
             return list(self.rpp(x).unbind(dim=1))

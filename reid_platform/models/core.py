@@ -94,6 +94,8 @@ class ReidModel(nn.Module):
     branches: tuple[BranchSpec, ...]
     num_classes: int
     config: ModelConfig
+    # a model with a pseudo-siamese trunk (`model.modality_specific_stages`) sets `trunk`
+    # (None for a shared backbone); no class default, which would hide the registered module
 
     @property
     def embedding_dim(self) -> int:
@@ -142,7 +144,11 @@ class ReidModel(nn.Module):
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the (ImageNet-initialised) feature extractor: the optimizer's
-        "backbone" group, frozen for `train.freeze_backbone_iters`; the rest is the "head"."""
-        return self.backbone.parameters()
+        "backbone" group, frozen for `train.freeze_backbone_iters`; the rest is the "head".
+        A pseudo-siamese trunk's per-modality copies belong to the backbone too."""
+        yield from self.backbone.parameters()
+        trunk = getattr(self, "trunk", None)
+        if trunk is not None:
+            yield from trunk.copies()
 
 

@@ -28,14 +28,20 @@ TTA_MODES = ("none", "flip")
 AUGMENT_MODES = ("none", "flip")  # gallery augmentation: extra views indexed per item
 
 
-def embed_views(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def embed_views(model: torch.nn.Module, batch: torch.Tensor,
+                modality: torch.Tensor | None = None, feature: str = "post_bn") -> torch.Tensor:
     """`model.embed` of a preprocessed batch (B, 3, H, W) and of its horizontal mirror, as one
     forward pass of 2B: (2, B, D) float32, each row L2-normalised ([0] the batch, [1] the
     mirror). Flip TTA (`embed_tensor`), gallery augmentation (`jobs/build_index.py --augment`)
-    and `jobs/evaluate.py --tta flip` all embed the mirror through this."""
+    and `jobs/evaluate.py --tta flip` all embed the mirror through this. `modality` (B,) and
+    `feature` as `ReidModel.embed` takes them (cross-modal models; pre/post-BNNeck)."""
     with torch.inference_mode():
-        both = model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
-        return both.view(2, len(batch), -1)
+        images = torch.cat([batch, batch.flip(-1)])
+        if modality is None and feature == "post_bn":
+            both = model.embed(images)  # any embedder's call shape
+        else:
+            both = model.embed(images, None if modality is None else modality.repeat(2), feature)
+        return both.float().view(2, len(batch), -1)  # (2B, D) -> (2, B, D)
 
 
 def flip_mean(views: torch.Tensor) -> torch.Tensor:

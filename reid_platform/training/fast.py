@@ -78,8 +78,11 @@ class CompiledForward:
 
 def train_dataset(samples: Sequence[Sample], data: DataConfig,
                   transform: Callable[..., dict[str, Any]],
-                  threads: int = 2) -> torch.utils.data.Dataset:
-    """The training dataset: decoded per item, or from the RAM cache (`data.cache: ram`)."""
+                  threads: int = 2,
+                  modalities: Sequence[str] = ()) -> torch.utils.data.Dataset:
+    """The training dataset: decoded per item, or from the RAM cache (`data.cache: ram`);
+    with `modalities` (cross-modal data) items carry their modality index."""
     if data.cache == "ram":
-        return RamCachedDataset(samples, data.height, data.width, transform, threads=threads)
-    return ImageDataset(samples, transform)
+        return RamCachedDataset(samples, data.height, data.width, transform, threads=threads,
+                                modalities=modalities)
+    return ImageDataset(samples, transform, modalities)

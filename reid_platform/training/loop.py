@@ -27,11 +27,12 @@ import torch
 
 from reid_platform.checkpoint import read_checkpoint, save_checkpoint
 from reid_platform.config import Config
-from reid_platform.data.dataset import collate_skip_corrupt
+from reid_platform.data.dataset import collate_skip_corrupt, modality_indices
 from reid_platform.data.formats import ReidDataset, Sample, balance
 from reid_platform.data.root import load_config_dataset
 from reid_platform.data.sampler import PKBatchSampler
 from reid_platform.data.transforms import build_train_transform
+from reid_platform.evaluation.crossmodal import cross_modal_split, evaluate_cross_modal
 from reid_platform.evaluation.embed import evaluate_model
 from reid_platform.evaluation.report import plot_cmc
 from reid_platform.losses import ReidLoss
@@ -160,18 +161,22 @@ class WorkerRun:
             self.use_amp and device.type == "cuda" and self.amp_dtype == torch.float16))
 
         data = config.data
+        modalities = config.model.modalities  # the driver filled them from the data
         self.sampler = PKBatchSampler(
             [s.pid for s in train_samples], data.num_ids_per_batch, data.num_instances,
             num_replicas=self.world, rank=self.rank, seed=config.train.seed,
             batches_per_epoch=config.train.batches_per_epoch,
             max_images_per_id=data.max_images_per_id,
+            modalities=(modality_indices(train_samples, modalities)
+                        if data.cross_modal_sampling else None),
         )
         # Our own batch sampler: the loader is NOT passed to prepare_data_loader, which would
         # replace the sampler with a DistributedSampler and break PK batches.
         self.loader = torch.utils.data.DataLoader(
             train_dataset(train_samples, data,
                           build_train_transform(data.height, data.width, data.augment),
-                          threads=max(int(config.train.cpus_per_worker), 1)),
+                          threads=max(int(config.train.cpus_per_worker), 1),
+                          modalities=modalities),
             batch_sampler=self.sampler,
             num_workers=data.loader_workers,
             collate_fn=collate_skip_corrupt,
@@ -312,17 +317,29 @@ class WorkerRun:
     def evaluate(self, net: torch.nn.Module, prefix: str = "") -> dict[str, float]:
         """Rank 0: metrics of `net` on query vs gallery, keys prefixed; logs the CMC picture."""
         data = self.config.data
-        result, skipped = evaluate_model(
-            net, self.dataset.query, self.dataset.gallery, data.height, data.width,
-            batch_size=data.eval_batch_size, device=self.device, amp=self.use_amp,
-        )
-        metrics = {f"{prefix}{k}": v for k, v in result.as_metrics().items()}
-        metrics[f"{prefix}eval_skipped_queries"] = result.num_skipped_queries
+        label = "SWA model" if net is not _unwrap(self.model) else "model"
+        if data.protocol == "cross_modal":
+            split = cross_modal_split(self.dataset, data.query_modality, data.gallery_modality)
+            values, result, reverse, skipped = evaluate_cross_modal(
+                net, split, data.height, data.width, self.config.model.modalities,
+                batch_size=data.eval_batch_size, device=self.device, amp=self.use_amp,
+            )
+            skipped_queries = result.num_skipped_queries + reverse.num_skipped_queries
+            curves = {f"{label} {split.query_modality}->{split.gallery_modality}": result.cmc,
+                      f"{label} {split.gallery_modality}->{split.query_modality}": reverse.cmc}
+        else:
+            result, skipped = evaluate_model(
+                net, self.dataset.query, self.dataset.gallery, data.height, data.width,
+                batch_size=data.eval_batch_size, device=self.device, amp=self.use_amp,
+                modalities=self.config.model.modalities,
+            )
+            values, skipped_queries = result.as_metrics(), result.num_skipped_queries
+            curves = {label: result.cmc}
+        metrics = {f"{prefix}{k}": v for k, v in values.items()}
+        metrics[f"{prefix}eval_skipped_queries"] = skipped_queries
         metrics[f"{prefix}eval_skipped_images"] = skipped
         with tempfile.TemporaryDirectory() as tmp:
-            label = "SWA model" if net is not _unwrap(self.model) else "model"
-            self.logger.log_artifact(plot_cmc({label: result.cmc}, Path(tmp) / "cmc.png"),
-                                     "plots")
+            self.logger.log_artifact(plot_cmc(curves, Path(tmp) / "cmc.png"), "plots")
         return metrics
 
     def report(self, epoch: int, metrics: dict[str, float], net: torch.nn.Module) -> None:
@@ -360,6 +377,9 @@ class WorkerRun:
         if "rank1" in metrics:
             line += (f" | rank1 {metrics['rank1']:.4f} mAP {metrics['mAP']:.4f} "
                      f"mINP {metrics['mINP']:.4f}")
+        if "reverse_rank1" in metrics:  # the cross-modal protocol's other direction
+            line += (f" | reverse rank1 {metrics['reverse_rank1']:.4f} "
+                     f"mAP {metrics['reverse_mAP']:.4f} | score {metrics['score']:.4f}")
         if self._skipped:
             line += (f" | skipped {len(self._skipped)} corrupt image(s), "
                      f"e.g. {self._skipped[0]}")
@@ -390,7 +410,8 @@ class WorkerRun:
     def _eval_keys(metrics: dict[str, float]) -> list[str]:
         keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score",
                 "eval_skipped_queries", "eval_skipped_images")
-        return [k for k in keys if k in metrics]
+        reverse = tuple(f"reverse_{k}" for k in keys[:6]) + ("reverse_score", "forward_score")
+        return [k for k in keys + reverse if k in metrics]
 
 
 def train_loop_per_worker(loop_config: dict[str, Any],

@@ -7,6 +7,7 @@ sweep, which launches one trainer per trial.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from reid_platform.checkpoint import (
 )
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
-from reid_platform.data.root import load_config_dataset, resolve_data_root
+from reid_platform.data.root import load_config_dataset, resolve_data_root, resolve_modalities
 from reid_platform.models import TIMM_HUB, check_backbone, check_model, create_backbone
 from reid_platform.runtime import cluster_gpus, init_ray, verbose
 from reid_platform.tracking import RunLogger, record_model, resolve_tracking_uri, start_run
@@ -72,7 +73,11 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
     check_backbone(config.model.backbone)
-    check_model(config.model, (config.data.height, config.data.width))
+    model = config.model
+    if model.modality_specific_stages and not model.modalities:
+        # the data's modalities are known only after reading it: check the shape with two
+        model = dataclasses.replace(model, modalities=("a", "b"))
+    check_model(model, (config.data.height, config.data.width))
     overrides = {}
     if config.model.pretrained == TIMM_HUB:
         # fetched into timm's hub cache here once (or found there offline), before the workers
@@ -86,6 +91,7 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     config = resolve_data_root(config.replace(**overrides), progress)
     data = config.data
     dataset = load_config_dataset(config)
+    config = resolve_modalities(config, dataset)
     train, pid_map = balance(dataset.train, data.drop_single_image_ids)  # validates train ids
     needed = data.num_ids_per_batch
     if len(pid_map) < needed:
