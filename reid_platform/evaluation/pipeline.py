@@ -692,8 +692,8 @@ def run_evaluation(
         from reid_platform.evaluation.crossmodal import run_cross_modal_evaluation
 
         if tta != "none":
-            raise EvaluationError(f"--tta {tta}: not available with data.protocol: cross_modal "
-                                  "(a mirrored SAR tile is another view); use --tta none")
+            raise EvaluationError(f"--tta {tta}: the cross-modal evaluation (data.protocol: "
+                                  "cross_modal) embeds without TTA; use --tta none")
 
         return run_cross_modal_evaluation(checkpoints, options, out_dir, dataset, device,
                                           scatter, progress, feature, max_query)
