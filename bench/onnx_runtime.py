@@ -15,6 +15,8 @@ Prints one JSON line per batch size:
   onnx_vs_torch        onnx_images_per_s / torch_images_per_s (the ratio to compare)
   onnx_fp16_images_per_s, fp16_vs_torch   with --fp16
   max_abs_diff         ONNX vs PyTorch embeddings of the measured batch
+  load_average         the machine's 1-minute load when the line was measured (a shared
+                       machine: above its core count, absolute numbers mean little)
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def main() -> None:
             "onnx_vs_torch": round(best["onnx"] / best["torch"], 3),
             "max_abs_diff": float(np.abs(onnx32(batch) - run_torch()).max()),
             "export_s": round(export_s, 1),
+            "load_average": round(os.getloadavg()[0], 1),
         }
         if onnx16 is not None:
             line["onnx_fp16_images_per_s"] = round(best["onnx_fp16"], 1)
