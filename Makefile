@@ -6,10 +6,12 @@ VENV := .venv
 # CPU machines: pin torch to the CPU build, else pip pulls the newest CUDA build (GBs).
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt reid_platform/torchvision_hook.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	# plain `import timm` / `import torchvision` in this venv (notebooks): a lazy import hook
+	$(VENV)/bin/python reid_platform/torchvision_hook.py
 	touch $@
 
 .PHONY: install demo test lint bench

@@ -1,11 +1,12 @@
 """Time and peak memory of k-reciprocal re-ranking: scalable `rerank_features` against the dense
 classic `k_reciprocal_rerank`.
 
-Each measurement runs in a fresh subprocess and reads its peak resident memory from
-resource.getrusage(RUSAGE_SELF).ru_maxrss (tracemalloc misses BLAS and FAISS buffers). The
-dense method is run at --dense-scale of the Market-1501 size (it holds several (N+M)^2 arrays)
-and its time and memory are extrapolated to full size with the (N+M)^2 law; the scalable
-method also runs at that scale on the same features, to report how far apart the two are.
+Each measurement runs in a fresh process and samples its resident memory while the method runs
+(`_measure.PeakRss`; tracemalloc misses BLAS and FAISS buffers). The dense method is run at
+--dense-scale of the Market-1501 size (it holds several (N+M)^2 arrays) and its time and memory
+are extrapolated to full size with the (N+M)^2 law; the scalable method also runs at that scale
+on the same features, to report how far apart the two are. `bench/evaluate_scale.py` goes on
+to MSMT17 size, scoring the re-ranked blocks as they come.
 
     python bench/rerank.py                      # Market-1501 size, dim 512
     python bench/rerank.py --dim 2048
@@ -19,91 +20,70 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+from _measure import PeakRss, reid_problem, run_worker
 
 MARKET_QUERY, MARKET_GALLERY, MARKET_IDS = 3368, 15913, 750
 
 
-def market_like_feats(num_query: int, num_gallery: int, dim: int, seed: int) -> np.ndarray:
-    """(num_query + num_gallery, dim) float32 unit vectors clustered around identity centres,
-    with about as many images per identity as the Market-1501 test set."""
-    rng = np.random.default_rng(seed)
-    num_points = num_query + num_gallery
-    num_ids = max(2, round(MARKET_IDS * num_points / (MARKET_QUERY + MARKET_GALLERY)))
-    centres = rng.standard_normal((num_ids, dim), dtype=np.float32)
-    feats = centres[rng.integers(0, num_ids, num_points)]
-    feats += 0.8 * rng.standard_normal((num_points, dim), dtype=np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    return feats
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def market_like_feats(num_query: int, num_gallery: int, dim: int, seed: int):
+    """Unit vectors clustered around identity centres, with about as many images per identity
+    as the Market-1501 test set; returns (query, gallery)."""
+    share = (num_query + num_gallery) / (MARKET_QUERY + MARKET_GALLERY)
+    num_ids = max(2, round(MARKET_IDS * share))
+    problem = reid_problem(num_query, num_gallery, dim, num_ids, 6, noise=0.8, seed=seed)
+    return problem.query, problem.gallery
 
 
 def worker(args: argparse.Namespace) -> None:
     """Runs one method once and prints a JSON line with its time and memory."""
     from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
 
-    feats = market_like_feats(args.num_query, args.num_gallery, args.dim, args.seed)
-    query, gallery = feats[: args.num_query], feats[args.num_query :]
+    query, gallery = market_like_feats(args.num_query, args.num_gallery, args.dim, args.seed)
     params = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value}
     try:  # imported lazily by rerank_features; load it before the baseline is taken
         import faiss  # noqa: F401
     except ImportError:
         pass
-    rss_before = current_rss_mb()
     start = time.perf_counter()
-    if args.worker == "features":
-        out = rerank_features(
-            query, gallery, metric=args.metric, chunk_size=args.chunk_size,
-            backend=args.backend, **params,
-        )  # fmt: skip
-    else:
-        # The dense pipeline includes its three distance matrices (1 - q.g, or Euclidean).
-        def dist(a, b):
-            if args.metric == "cosine":
-                return 1.0 - a @ b.T
-            sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-            return np.sqrt(np.maximum(sq, 0.0))
+    with PeakRss() as memory:
+        if args.worker == "features":
+            out = rerank_features(
+                query, gallery, metric=args.metric, chunk_size=args.chunk_size,
+                backend=args.backend, **params,
+            )  # fmt: skip
+        else:
+            # The dense pipeline includes its three distance matrices (1 - q.g, or Euclidean).
+            def dist(a, b):
+                if args.metric == "cosine":
+                    return 1.0 - a @ b.T
+                sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+                return np.sqrt(np.maximum(sq, 0.0))
 
-        out = k_reciprocal_rerank(
-            dist(query, gallery), dist(query, query), dist(gallery, gallery), **params
-        )
+            out = k_reciprocal_rerank(
+                dist(query, gallery), dist(query, query), dist(gallery, gallery), **params
+            )
     seconds = time.perf_counter() - start
     if args.save:
         np.save(args.save, out)
-    peak = peak_rss_mb()
-    record = {"seconds": seconds, "peak_rss_mb": peak, "increment_mb": peak - rss_before}
+    record = {"seconds": seconds, "peak_rss_mb": memory.peak_mb,
+              "increment_mb": memory.increment_mb}  # fmt: skip
     print(json.dumps(record))
 
 
 def measure(method: str, num_query: int, num_gallery: int, args, save: str | None) -> dict:
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", method,
-        "--num-query", str(num_query), "--num-gallery", str(num_gallery),
+        "--worker", method, "--num-query", str(num_query), "--num-gallery", str(num_gallery),
         "--dim", str(args.dim), "--seed", str(args.seed), "--metric", args.metric,
         "--k1", str(args.k1), "--k2", str(args.k2), "--lambda-value", str(args.lambda_value),
         "--chunk-size", str(args.chunk_size), "--backend", args.backend,
     ]  # fmt: skip
     if save:
         command += ["--save", save]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{method} worker failed:\n{result.stderr}")
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    return {k: round(v, 3) for k, v in record.items()}
+    return {k: round(v, 3) for k, v in run_worker(__file__, command).items()}
 
 
 def main() -> None:

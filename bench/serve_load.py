@@ -2,22 +2,31 @@
 
 Starts a loopback-only local Ray (or joins $RAY_ADDRESS) and Serve on 127.0.0.1, builds a
 random-weight model (`--backbone`) and a sharded Flat index of random unit vectors, then
-drives the HTTP API with `--clients` concurrent clients: once with the Embedder batching
-(`--max-batch-size`) and once without (max_batch_size 1). In the same run, before Serve starts,
-the model's raw batched forward throughput (images/s, batches of `--max-batch-size`, the
-Embedder's device and thread count, no HTTP, decode or search) is the baseline.
+drives the HTTP API with `--clients` concurrent clients in three modes: "batched" (the Embedder
+batches up to `--max-batch-size`, each shard coalesces concurrent searches into one FAISS call),
+"no_shard_coalescing" (the same, but every search hits FAISS alone: the service before search
+batching) and "unbatched" (neither). Then, batched again, an open-loop load at half the batched
+mode's QPS measures latency below saturation. In the same run, before Serve starts, the
+baselines: the model's raw batched forward throughput (images/s, batches of
+`--max-batch-size`, no HTTP, decode or search) with the Embedder's threads and with every core
+(what a plain PyTorch script gets from the machine), and a single-image forward's latency.
 
     python bench/serve_load.py                        # resnet50 at 256x128, 32 clients
     python bench/serve_load.py --endpoint embed       # embedding only, no index search
     python bench/serve_load.py --smoke-test           # tiny model, small load, seconds
 
-Prints one JSON line. Per mode ("batched", "unbatched"):
+Prints one JSON line. Per mode ("batched", "no_shard_coalescing", "unbatched"):
   qps           successful requests/s over the measured requests
-  p50_ms, p99_ms  request latency seen by the clients
+  p50_ms, p99_ms, mean_ms  request latency seen by the clients
   errors        non-200 answers (should be 0)
   mean_batch, largest_batch   Embedder batch sizes during the mode (from /v1/stats)
-and raw_model_ips (images/s of model.embed), batched_fraction_of_raw and
-unbatched_fraction_of_raw (qps / raw_model_ips: what the service delivers of the model's speed).
+  mean_shard_batch  queries per FAISS search call on the shards during the mode
+  hops_ms       mean ms per request of each step in the ingress (parse, decode, embed, search,
+                merge, total) and "proxy_and_client" = client latency - ingress total
+and half_load (qps asked and got, p50/p99 at half the batched QPS, p99 / single-image forward),
+raw_model_ips (images/s of model.embed, Embedder threads), raw_model_ips_all_cores,
+single_image_ms, and fractions: *_fraction_of_raw (qps / raw_model_ips) and
+batched_fraction_of_machine (qps / raw_model_ips_all_cores).
 The load generator runs in this process: on a small CPU machine it competes with the service.
 """
 
@@ -63,7 +72,8 @@ def parse_args() -> argparse.Namespace:
         "--embedder-cpus",
         type=float,
         default=None,
-        help="CPUs (and torch threads) of the Embedder; default: half the cores",
+        help="CPUs (and torch threads) of the Embedder; default: what the app's sizing gives "
+        "(the cores less 0.1 per shard and 0.1 for the ingress)",
     )
     parser.add_argument("--smoke-test", action="store_true", help="tiny model and load")
     args = parser.parse_args()
@@ -71,7 +81,9 @@ def parse_args() -> argparse.Namespace:
         args.backbone, args.height, args.width = "test_resnet", 64, 32
         args.gallery_size, args.clients, args.requests, args.warmup = 500, 8, 48, 8
     if args.embedder_cpus is None:
-        args.embedder_cpus = float(max(1, (os.cpu_count() or 2) // 2))
+        from serve_apps.retrieval import plan_cpus
+
+        args.embedder_cpus = plan_cpus(args.shards, 1, 1, float(os.cpu_count() or 1))["embedder"]
     return args
 
 
@@ -83,7 +95,8 @@ def make_checkpoint(directory: Path, args: argparse.Namespace):
     config = Config().replace(
         **{"model.backbone": args.backbone, "data.height": args.height, "data.width": args.width}
     )
-    model = build_model(config.model, num_classes=751).eval()
+    model = build_model(config.model, num_classes=751,
+                        input_size=(args.height, args.width)).eval()
     return save_checkpoint(directory / "checkpoint", model, config, epoch=0), model
 
 
@@ -108,6 +121,23 @@ def raw_images_per_s(model, args: argparse.Namespace, device: str) -> float:
                 torch.cuda.synchronize()
             best = max(best, done / (time.perf_counter() - start))
     return best
+
+
+def single_image_ms(model, args: argparse.Namespace, device: str) -> float:
+    """Median ms of model.embed on one (1, 3, H, W) image."""
+    import torch
+
+    image = torch.randn(1, 3, args.height, args.width, device=device)
+    times = []
+    with torch.inference_mode():
+        for n in range(25):
+            start = time.perf_counter()
+            model.embed(image)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if n >= 5:
+                times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
 
 
 def make_index(directory: Path, checkpoint: Path, dim: int, args: argparse.Namespace) -> Path:
@@ -169,28 +199,88 @@ async def drive(
     return latencies, errors, wall
 
 
-def batch_sizes(client: httpx.Client) -> dict[int, int]:
-    seen = client.get("/v1/stats").json()["batching"]["batch_sizes_seen"]
-    return {int(size): n for size, n in seen.items()}
+async def drive_rate(
+    base_url: str, path: str, images: list[bytes], args: argparse.Namespace, rate: float
+) -> tuple[list[float], int, float]:
+    """Open loop: request n starts at n / rate s, whatever the earlier ones are doing."""
+    latencies: list[float] = []
+    errors = 0
+    total = args.requests
+    async with httpx.AsyncClient(base_url=base_url, timeout=120.0) as client:
+
+        async def one(n: int, start: float) -> None:
+            nonlocal errors
+            await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+            data = {"k": str(args.k)} if args.endpoint == "search" else None
+            t0 = time.perf_counter()
+            response = await client.post(path, files={"image": images[n % len(images)]}, data=data)
+            latencies.append(time.perf_counter() - t0)
+            errors += response.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*[one(n, start) for n in range(total)])
+        wall = time.perf_counter() - start
+    return latencies, errors, wall
 
 
-def run_mode(base_url: str, images: list[bytes], args: argparse.Namespace) -> dict:
+def service_stats(client: httpx.Client) -> dict:
+    """Embedder and shard batch counts and the ingress's hop totals (ms), cumulative."""
+    stats = client.get("/v1/stats").json()
+    seen = stats["batching"]["batch_sizes_seen"]
+    shard: dict[int, int] = {}
+    for per_shard in stats["batching"]["shard_search_batch_sizes"]:
+        for size, n in per_shard.items():
+            shard[int(size)] = shard.get(int(size), 0) + n
+    hops = {h: v["mean_ms"] * v["count"] for h, v in stats["profile"].items()}
+    counts = {h: v["count"] for h, v in stats["profile"].items()}
+    return {
+        "batches": {int(size): n for size, n in seen.items()},
+        "shard": shard,
+        "hops": hops,
+        "counts": counts,
+    }
+
+
+def _mean_batch(before: dict[int, int], after: dict[int, int]) -> tuple[float, int]:
+    diff = {s: after.get(s, 0) - before.get(s, 0) for s in after}
+    calls = sum(diff.values())
+    mean = sum(s * n for s, n in diff.items()) / max(calls, 1)
+    return round(mean, 2), max((s for s, n in diff.items() if n), default=0)
+
+
+def run_mode(
+    base_url: str, images: list[bytes], args: argparse.Namespace, rate: float | None = None
+) -> dict:
     path = f"/v1/{args.endpoint}"
     asyncio.run(drive(base_url, path, images, args, args.warmup))
     with httpx.Client(base_url=base_url, timeout=60.0) as client:
-        before = batch_sizes(client)
-        latencies, errors, wall = asyncio.run(drive(base_url, path, images, args, args.requests))
-        after = batch_sizes(client)
-    batches = {s: after.get(s, 0) - before.get(s, 0) for s in after}
-    num_batches = sum(batches.values())
+        before = service_stats(client)
+        if rate is None:
+            latencies, errors, wall = asyncio.run(
+                drive(base_url, path, images, args, args.requests)
+            )
+        else:
+            latencies, errors, wall = asyncio.run(drive_rate(base_url, path, images, args, rate))
+        after = service_stats(client)
     ms = np.array(latencies) * 1000.0
+    mean_batch, largest = _mean_batch(before["batches"], after["batches"])
+    hops = {}
+    for hop, total in after["hops"].items():
+        n = after["counts"][hop] - before["counts"].get(hop, 0)
+        if n:
+            hops[hop] = round((total - before["hops"].get(hop, 0.0)) / n, 2)
+    if "total" in hops:
+        hops["proxy_and_client"] = round(float(ms.mean()) - hops["total"], 2)
     return {
         "qps": round((len(latencies) - errors) / wall, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
         "errors": errors,
-        "mean_batch": round(sum(s * n for s, n in batches.items()) / max(num_batches, 1), 2),
-        "largest_batch": max((s for s, n in batches.items() if n), default=0),
+        "mean_batch": mean_batch,
+        "largest_batch": largest,
+        "mean_shard_batch": _mean_batch(before["shard"], after["shard"])[0],
+        "hops_ms": hops,
     }
 
 
@@ -209,8 +299,11 @@ def main() -> None:
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         checkpoint, model = make_checkpoint(Path(tmp), args)
-        torch.set_num_threads(max(1, int(args.embedder_cpus)))  # as the Embedder replica
+        torch.set_num_threads(os.cpu_count() or 1)  # a plain script using the whole machine
+        raw_all = raw_images_per_s(model, args, device)
+        torch.set_num_threads(max(1, round(args.embedder_cpus)))  # as the Embedder replica
         raw_ips = raw_images_per_s(model, args, device)
+        single_ms = single_image_ms(model, args, device)
         dim = model.embedding_dim
         del model
         if device == "cuda":
@@ -225,12 +318,19 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{port}/{APP}"
         results = {}
         try:
-            for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+            modes = [
+                ("batched", args.max_batch_size, 64),
+                ("no_shard_coalescing", args.max_batch_size, 1),
+                ("unbatched", 1, 1),
+            ]
+            for mode, batch, shard_batch in modes:
                 app = build_app(
                     RetrievalArgs(
                         index_dir=str(index_dir),
                         max_batch_size=batch,
                         batch_wait_timeout_s=args.batch_wait_ms / 1000.0 if batch > 1 else 0.0,
+                        shard_max_batch_size=shard_batch,
+                        shard_batch_wait_timeout_s=0.002 if shard_batch > 1 else 0.0,
                         embedder_num_cpus=args.embedder_cpus,
                         max_k=max(args.k, 10),
                         auth_token="",
@@ -238,6 +338,14 @@ def main() -> None:
                 )
                 serve.run(app, name=APP, route_prefix=f"/{APP}")
                 results[mode] = run_mode(base_url, images, args)
+                if mode == "batched":  # half the saturating load, open loop
+                    rate = results["batched"]["qps"] / 2
+                    half = run_mode(base_url, images, args, rate=rate)
+                    results["half_load"] = {
+                        "qps_asked": round(rate, 2),
+                        **{k: half[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
+                        "p99_vs_single_image": round(half["p99_ms"] / single_ms, 2),
+                    }
         finally:
             serve.delete(APP)
     if started_ray:
@@ -256,11 +364,16 @@ def main() -> None:
                 "requests": args.requests,
                 "max_batch_size": args.max_batch_size,
                 "embedder_cpus": args.embedder_cpus,
-                "batched": results["batched"],
-                "unbatched": results["unbatched"],
+                **results,
                 "raw_model_ips": round(raw_ips, 2),
+                "raw_model_ips_all_cores": round(raw_all, 2),
+                "single_image_ms": round(single_ms, 2),
                 "batched_fraction_of_raw": round(results["batched"]["qps"] / raw_ips, 3),
+                "no_shard_coalescing_fraction_of_raw": round(
+                    results["no_shard_coalescing"]["qps"] / raw_ips, 3
+                ),
                 "unbatched_fraction_of_raw": round(results["unbatched"]["qps"] / raw_ips, 3),
+                "batched_fraction_of_machine": round(results["batched"]["qps"] / raw_all, 3),
             }
         )
     )

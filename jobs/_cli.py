@@ -65,7 +65,7 @@ def smoke_checkpoint(directory: Path) -> tuple[Path, Path]:
             "data.width": 32,
         }
     )
-    model = build_model(config.model, num_classes=params["num_train_ids"])
+    model = build_model(config.model, num_classes=params["num_train_ids"], input_size=(64, 32))
     return save_checkpoint(directory / "checkpoints" / "smoke", model, config, 0), root
 
 

@@ -24,7 +24,7 @@ import _cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from reid_platform.retrieval.gallery import GALLERY_FORMATS
+    from reid_platform.retrieval.gallery import DEFAULT_BATCH_SIZE, GALLERY_FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="checkpoint directory or model.pt")
@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Flat, or a FAISS factory string such as IVF1024,PQ32 or HNSW32",
     )
     parser.add_argument("--out", help="index directory")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -54,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: average each image's embedding with its mirror image's (the service and "
+        "jobs/search.py then embed queries the same way)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 concurrency=args.workers,
                 num_gpus=args.num_gpus,
                 progress=not args.no_progress,
+                tta=args.tta,
             )
         except IndexBuildError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -5,12 +5,15 @@
     python jobs/evaluate.py --checkpoint A --checkpoint B --weights 0.6 0.4 --rerank
     python jobs/evaluate.py --checkpoint CKPT --set data.root=/data/market data.format=market1501
     python jobs/evaluate.py --checkpoint CKPT --run-id MLFLOW_RUN   # log into the training run
+    python jobs/evaluate.py --checkpoint CKPT --activation-maps 8   # where the model looks
     python jobs/evaluate.py --smoke-test                            # tiny model + tiny data
 
 The dataset is the first checkpoint's own (`data.*` of its config) unless `--config` (its
 `data` section) or `--set data.*=...` override it. Writes report.json and the pictures to
-`--out` (default `<workspace>/evaluations/<timestamp>`) and logs them to MLflow. The last line
-printed is `report: <path to report.json>`.
+`--out` (default `<workspace>/evaluations/<timestamp>`) and logs them to MLflow. The
+post-processing flags come from the step table (`reid_platform.evaluation.variants.STEPS`).
+Every variant is scored in blocks of queries, so any gallery size fits in memory. The last
+line printed is `report: <path to report.json>`.
 """
 
 from __future__ import annotations
@@ -54,34 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser._option_string_actions[
         "--config"
     ].help = "YAML config whose data section replaces the checkpoint's (default: the checkpoint's)"
-    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    parser.add_argument("--k1", type=int, default=20, help="re-ranking k1 (default 20)")
-    parser.add_argument("--k2", type=int, default=6, help="re-ranking k2 (default 6)")
-    parser.add_argument(
-        "--lambda",
-        dest="lambda_value",
-        type=float,
-        default=0.3,
-        help="re-ranking weight of the original distance (default 0.3)",
-    )
-    parser.add_argument("--qe", type=int, default=0, metavar="K", help="query expansion, top-K")
-    parser.add_argument(
-        "--dba", type=int, default=0, metavar="K", help="database-side augmentation, top-K"
-    )
-    parser.add_argument(
-        "--pca",
-        type=int,
-        default=0,
-        metavar="DIM",
-        help="PCA whitening to DIM dimensions",
-    )
-    parser.add_argument(
-        "--pca-fit",
-        choices=("gallery", "train"),
-        default="gallery",
-        help="features the PCA whitening is fitted on (default: gallery)",
-    )
-    parser.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine")
+    from reid_platform.evaluation.variants import add_option_arguments
+
+    add_option_arguments(parser)  # --distance, --pca, --pca-fit, --dba, --qe, --rerank, --k1...
     parser.add_argument("--out", help="output folder (default: <workspace>/evaluations/<time>)")
     parser.add_argument("--run-id", help="log into this MLflow run (e.g. the training run)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -92,30 +70,19 @@ def parse_args() -> argparse.Namespace:
         default="tsne",
         help="2-D projection of the embedding picture",
     )
+    parser.add_argument(
+        "--activation-maps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draw where the model looks (backbone activation maps) for N queries",
+    )
     return parser.parse_args()
-
-
-def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """`key=value` overrides (values parse as YAML), like `load_config` does for a file."""
-    import yaml
-
-    from reid_platform.config import ConfigError
-
-    values = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. data.root=/d)")
-        key, raw = item.split("=", 1)
-        try:
-            values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            values[key.strip()] = raw
-    return config.replace(**values)
 
 
 def effective_config(stored: Config, args: argparse.Namespace) -> Config:
     """The checkpoint's config, with `--config`'s data section and `--set` on top."""
-    from reid_platform.config import Config, load_config
+    from reid_platform.config import Config, load_config, parse_overrides
 
     if args.config:
         data = stored.to_dict()
@@ -124,7 +91,10 @@ def effective_config(stored: Config, args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if args.smoke_test:
         overrides += [f"{k}={v}" for k, v in SMOKE_DATA.items()]
-    return apply_overrides(stored, overrides)
+    return stored.replace(**parse_overrides(overrides))
+
+
+MAX_SKIPPED_LISTED = 10  # unreadable images printed one per line; report.json lists all
 
 
 def main() -> None:
@@ -132,14 +102,13 @@ def main() -> None:
     from reid_platform.config import load_config
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.evaluation.pipeline import (
-        EvalOptions,
-        check_mlflow_run,
+        METRIC_NAMES,
         default_output_dir,
         format_table,
-        log_to_mlflow,
         read_checkpoint_input,
         run_evaluation,
     )
+    from reid_platform.evaluation.variants import options_from_args
 
     paths = list(args.checkpoint)
     smoke_subset = args.smoke_test and bool(paths)
@@ -159,21 +128,15 @@ def main() -> None:
         checkpoints.append(replace(stored, config=effective_config(stored.config, args)))
     config = checkpoints[0].config
 
-    asked = args.rerank or args.qe or args.dba or args.pca
-    smoke_steps = args.smoke_test and not asked  # exercise every step on the tiny set
-    options = EvalOptions(
-        distance=args.distance,
-        pca_dim=16 if smoke_steps else args.pca,
-        qe_k=2 if smoke_steps else args.qe,
-        dba_k=2 if smoke_steps else args.dba,
-        rerank=True if smoke_steps else args.rerank,
-        k1=args.k1,
-        k2=args.k2,
-        lambda_value=args.lambda_value,
-        pca_fit=args.pca_fit,
-    )
+    # --smoke-test without any step asked for exercises every step on the tiny set.
+    options = options_from_args(args, smoke_test=args.smoke_test)
     if args.run_id and not args.no_mlflow:
-        check_mlflow_run(config, args.run_id)  # before the slow part
+        from reid_platform.tracking import require_run
+
+        try:
+            require_run(config, args.run_id)  # before the slow part
+        except LookupError as err:
+            raise EvaluationError(f"--run-id {args.run_id}: {err}") from None
     out_dir = (
         Path(args.out).expanduser().resolve()
         if args.out
@@ -187,20 +150,31 @@ def main() -> None:
         scatter=args.scatter,
         max_query=SMOKE_MAX_QUERY if smoke_subset else 0,
         max_gallery=SMOKE_MAX_GALLERY if smoke_subset else 0,
+        activation_map_count=args.activation_maps,
+        say=print,
     )
     report = outcome.report
     queries = report["queries"]
+    skipped = report["skipped_images"]
     print(
         f"dataset {report['dataset']['name']}: {report['num_query']} queries, "
         f"{report['num_gallery']} gallery images; {queries['valid']} valid queries, "
         f"{queries['skipped']} skipped ({queries['skipped_absent_from_gallery']} identity "
         f"absent from the gallery, {queries['skipped_same_camera_only']} same camera only); "
-        f"{len(report['skipped_images'])} unreadable images skipped"
+        f"{len(skipped)} unreadable images skipped"
     )
+    for message in skipped[:MAX_SKIPPED_LISTED]:
+        print(f"  skipped image: {message}")
+    if len(skipped) > MAX_SKIPPED_LISTED:
+        print(f"  ... and {len(skipped) - MAX_SKIPPED_LISTED} more (all in report.json)")
     print(format_table(outcome.evaluation.results))
     print(f"best: {report['best_variant']}")
     if not args.no_mlflow:
-        uri, run_id = log_to_mlflow(report, out_dir, config, args.run_id)
+        from reid_platform.tracking import log_evaluation
+
+        uri, run_id = log_evaluation(
+            report, outcome.report_path, config, METRIC_NAMES, args.run_id
+        )
         print(f"mlflow run: {run_id} ({uri})")
     print(f"report: {outcome.report_path}")
 

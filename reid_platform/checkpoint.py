@@ -130,6 +130,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
     config = Config.from_dict(payload["config"])
     # Weights come from the checkpoint: do not look for the ImageNet file again.
     model_cfg = config.replace(**{"model.pretrained": ""}).model
-    model = build_model(model_cfg, payload["num_classes"])
+    model = build_model(model_cfg, payload["num_classes"],
+                        input_size=(config.data.height, config.data.width))
     model.load_state_dict(payload["model_state"])
     return model.to(device).eval(), config

@@ -85,6 +85,7 @@ class DataConfig:
     vehicleid_test_size: int = 800  # vehicleid: test_list_<size>.txt (800, 1600, 2400)
     vehicleid_trial: int = 0  # vehicleid: which random one-image-per-id gallery draw
     loader_workers: int = 2
+    cache: Literal["none", "ram"] = "none"  # ram: decode + resize each train image once
     eval_batch_size: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -94,22 +95,60 @@ class DataConfig:
 class ModelConfig:
     """Architecture, backbone, pooling, BNNeck and classifier head."""
 
-    arch: Literal["bot"] = "bot"  # see reid_platform.models.ARCHS
+    arch: Literal["bot", "mgn", "pcb"] = "bot"  # see reid_platform.models.ARCHS
     backbone: str = "resnet50"  # any timm model name
-    pretrained: str = ""  # path to a local weights file (timm/torchvision state dict)
+    # "" = random init; a local weights file (timm/torchvision state dict); or "timm" = timm's
+    # hub cache (downloads when online; HF_HUB_OFFLINE=1 reads a cache prepared beforehand)
+    pretrained: str = ""
     last_stride: int = 1  # ResNets only: 1 keeps 16x8 maps at 256x128
-    pooling: Literal["avg", "gem"] = "avg"
+    pooling: Literal["avg", "gem", "max", "netvlad"] = "avg"
     gem_p: float = 3.0
     gem_learnable: bool = False
+    netvlad_clusters: int = 64  # K; NetVLAD projects to embedding_dim (0 = backbone width)
     head: Literal["linear", "cosface", "arcface"] = "linear"
     head_scale: float = 30.0
     head_margin: float = 0.35
     embedding_dim: int = 0  # 0 = backbone width; else a linear reduction before the BNNeck
+    ibn: Literal["none", "a", "b"] = "none"  # IBN-Net variant of a timm ResNet-family backbone
+    non_local: tuple[int, ...] = ()  # non-local blocks per ResNet stage, e.g. [0, 2, 3, 0]
+    patch_stride: int = 0  # ViT patch stride (0 = patch size; < patch size = overlapping)
+    parts: tuple[str, ...] = ("1", "2", "3")  # MGN branches: N stripes, or RxC (e.g. 2x2)
+    part_dim: int = 256  # MGN / PCB: width of every reduced global or part feature
+    pcb_stripes: int = 6
+    pcb_rpp: bool = False  # PCB refined part pooling
+
+
+@dataclass(frozen=True)
+class ExtraLoss:
+    """One metric-learning loss of `loss.extra`, from pytorch-metric-learning.
+
+    Each applies to the pre-BNNeck features of every metric branch (summed over branches),
+    with embeddings gathered from every DDP rank before mining. Only the fields of its `name`
+    are used.
+    """
+
+    name: Literal["contrastive", "circle", "multi_similarity", "xbm"]
+    weight: float = 1.0
+    # contrastive (Hadsell et al. 2006) on L2-normalised features
+    pos_margin: float = 0.0
+    neg_margin: float = 1.0
+    # circle (Sun et al. 2020); m 0.25 and gamma 128 are the paper's re-ID setting
+    margin: float = 0.25
+    scale: float = 128.0
+    # multi-similarity (Wang et al. 2019), the paper's alpha 2, beta 50, lambda 0.5 (base)
+    alpha: float = 2.0
+    beta: float = 50.0
+    base: float = 0.5
+    miner_epsilon: float = 0.1  # its pair miner (0 = no mining)
+    # xbm: cross-batch memory (Wang et al. 2020) around `inner` (one of the losses above)
+    inner: Literal["contrastive", "circle", "multi_similarity"] = "contrastive"
+    memory_size: int = 1024
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss terms and their weights (total = id * ID + triplet * tri + center * center)."""
+    """Loss terms and their weights (total = id * ID + triplet * tri + center * center
+    + the `extra` terms' weights times their values)."""
 
     id_weight: float = 1.0
     triplet_weight: float = 1.0
@@ -119,6 +158,9 @@ class LossConfig:
     distance: Literal["euclidean", "cosine"] = "euclidean"
     label_smoothing: float = 0.1
     center_lr: float = 0.5
+    # e.g. [{name: circle, weight: 1.0}]; `--set loss.extra.circle.weight=0.5` sets (or adds)
+    # the entry named circle
+    extra: tuple[ExtraLoss, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,7 +182,10 @@ class TrainConfig:
     swa_lr_factor: float = 0.5  # constant lr (fraction of lr) during the SWA epochs
     freeze_backbone_iters: int = 0
     grad_clip: float = 0.0  # max gradient norm, 0 = off
-    amp: Literal["auto", "on", "off"] = "auto"  # auto = on when training on GPU
+    # mixed precision: auto = fp16 on GPU; on = fp16; bf16 (no loss scaling); off
+    amp: Literal["auto", "on", "fp16", "bf16", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CNNs on GPU
+    compile: bool = False  # torch.compile the model (falls back with a warning)
     eval_every: int = 10
     batches_per_epoch: int = 0  # 0 = as many PK batches as the data gives
     num_workers: int = 2
@@ -276,16 +321,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"config file {path} must hold a mapping, got {type(loaded).__name__}"
             )
         data = loaded
-    for item in overrides or []:
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(data, key, value)
+    return Config.from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values parse as YAML) -> {dotted key: value}, in order.
+
+    `Config.replace(**parse_overrides(items))` applies them to a config in hand.
+
+    Raises:
+        ConfigError: an item without `=`.
+    """
+    values: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=2)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
-        _set_dotted(data, key.strip(), value)
-    return Config.from_dict(data)
+            values[key.strip()] = raw
+    return values
 
 
 def save_config(config: Config, path: str | Path) -> Path:
@@ -308,14 +366,60 @@ def _plain(value: Any) -> Any:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in the nested dict `data` (rooted at `Config`).
+
+    Under a list of named entries (`loss.extra`) the next part names an entry:
+    `loss.extra.circle.weight=0.5` sets that field of the entry named circle (adding the entry
+    if there is none), `loss.extra.circle=null` removes it.
+    """
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
+    node, cls = data, Config
+    for i, part in enumerate(parts[:-1]):
+        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if _named_entry_type(hint) is not None:
+            entries = node.get(part)
+            node[part] = _set_named_entry(list(entries or []), parts[i + 1:], value, key)
+            return
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"key {key!r}: {part!r} is a value, not a section")
         node = child
+        cls = hint if dataclasses.is_dataclass(hint) else None
     node[parts[-1]] = value
+
+
+def _named_entry_type(hint: Any) -> type | None:
+    """The entry dataclass of a `tuple[Entry, ...]` field whose entries have a `name`."""
+    if typing.get_origin(hint) is not tuple:
+        return None
+    item = typing.get_args(hint)[0]
+    if dataclasses.is_dataclass(item) and "name" in {f.name for f in dataclasses.fields(item)}:
+        return item
+    return None
+
+
+def _set_named_entry(entries: list[Any], rest: list[str], value: Any, key: str) -> list[Any]:
+    """`entries` with the entry named rest[0] set (rest = [name] or [name, field])."""
+    name = rest[0]
+    if len(rest) > 2:
+        raise ConfigError(f"key {key!r}: expected <list>.<entry name>[.<field>]")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"key {key!r}: every entry must be a mapping, got {entry!r}")
+    index = next((i for i, e in enumerate(entries) if e.get("name") == name), None)
+    if len(rest) == 1:  # the whole entry
+        if index is not None:
+            entries.pop(index)
+        if value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}={value!r} must be a mapping of the entry's fields")
+            entries.insert(len(entries) if index is None else index, {**value, "name": name})
+        return entries
+    if index is None:
+        entries.append({"name": name})
+        index = len(entries) - 1
+    entries[index] = {**entries[index], rest[1]: value}
+    return entries
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -327,6 +431,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         allowed = ", ".join(f"{prefix}{name}" for name in fields)
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; allowed here: {allowed}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and name not in data
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]} is required")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")

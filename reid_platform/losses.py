@@ -6,6 +6,9 @@
 - `LossTerm`: one weighted term of the training loss over the model's `ReidOutput`; it owns
   its parameters and, if it has one, its optimizer step (`IdLossTerm`, `TripletLossTerm`,
   `CenterLossTerm`).
+- `MetricLearningTerm`: the wider loss zoo from pytorch-metric-learning (contrastive, circle,
+  multi-similarity, cross-batch memory), configured by `loss.extra`, with every rank's
+  embeddings gathered before mining under DDP.
 - `ReidLoss`: the weighted total of the configured terms, returning every term for logging,
   with the gradient averaging, own optimizer steps and resume state of all terms.
 """
@@ -18,9 +21,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.utils.distributed import (
+    DistributedLossWrapper,
+    DistributedMinerWrapper,
+)
 from torch import nn
 
-from reid_platform.config import LossConfig
+from reid_platform.config import ExtraLoss, LossConfig
 from reid_platform.models import BranchSpec, ReidOutput
 
 
@@ -233,21 +242,128 @@ class CenterLossTerm(LossTerm):
         super().optimizer_step(optimizer, grad_scale * self.weight)
 
 
+def _pair_loss(name: str, spec: ExtraLoss) -> tuple[nn.Module, nn.Module | None]:
+    """(pytorch-metric-learning loss, its miner or None) for a pair-based loss name."""
+    if name == "contrastive":
+        return pml_losses.ContrastiveLoss(pos_margin=spec.pos_margin,
+                                          neg_margin=spec.neg_margin), None
+    if name == "circle":
+        return pml_losses.CircleLoss(m=spec.margin, gamma=spec.scale), None
+    if name == "multi_similarity":
+        miner = (pml_miners.MultiSimilarityMiner(epsilon=spec.miner_epsilon)
+                 if spec.miner_epsilon > 0 else None)
+        return pml_losses.MultiSimilarityLoss(alpha=spec.alpha, beta=spec.beta,
+                                              base=spec.base), miner
+    raise ValueError(f"loss.extra: unknown loss {name!r}")
+
+
+def _distributed() -> tuple[bool, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        return world > 1, world
+    return False, 1
+
+
+class MetricLearningTerm(LossTerm):
+    """A pytorch-metric-learning loss (`loss.extra` entry) on the pre-BNNeck features of every
+    metric branch, summed over branches.
+
+    Under DDP every rank's embeddings and labels are gathered before mining, as
+    pytorch-metric-learning's `DistributedLossWrapper` does: each rank computes the loss of the
+    whole global batch (gradients flow into its own embeddings) times the world size, so DDP's
+    gradient averaging gives exactly the gradient of the single-process loss. Cross-batch
+    memory (`xbm`) enqueues the gathered batch, so every rank's memory holds the same
+    embeddings; the memory is a buffer, saved with the training state and restored on resume.
+
+    Args:
+        spec: the `loss.extra` entry (name, weight and the loss's own settings).
+        branches: the model's branches; the loss applies to those with `metric`.
+    """
+
+    def __init__(self, spec: ExtraLoss, branches: Sequence[BranchSpec]):
+        super().__init__(spec.weight)
+        self.name = spec.name
+        self.metric = [i for i, b in enumerate(branches) if b.metric]
+        losses, miners = [], []
+        for i in self.metric:
+            if spec.name == "xbm":
+                if spec.memory_size < 1:
+                    raise ValueError(f"loss.extra xbm: memory_size={spec.memory_size} must be >= 1")
+                inner, inner_miner = _pair_loss(spec.inner, spec)
+                # the memory mines its own pairs (batch vs memory) with the inner loss's miner
+                losses.append(pml_losses.CrossBatchMemory(
+                    inner, embedding_size=branches[i].dim, memory_size=spec.memory_size,
+                    miner=inner_miner))
+                miners.append(None)
+            else:
+                loss, miner = _pair_loss(spec.name, spec)
+                losses.append(loss)
+                miners.append(miner)
+        self.losses = nn.ModuleList(losses)
+        # Plain lists, not submodules: the wrappers share the losses (and XBM's memory)
+        # registered above, which must appear once in the state dict.
+        self._wrapped = [DistributedLossWrapper(loss) for loss in losses]
+        self._miners = miners
+        self._wrapped_miners = [DistributedMinerWrapper(m) if m is not None else None
+                                for m in miners]
+
+    def forward(self, output: ReidOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        pids = batch["pid"]
+        distributed, world = _distributed()
+        total = output.branches[self.metric[0]].features.new_zeros((), dtype=torch.float32)
+        for k, i in enumerate(self.metric):
+            features = output.branches[i].features.float()  # (B, D)
+            loss = self.losses[k]
+            if isinstance(loss, pml_losses.CrossBatchMemory) and (
+                features.shape[0] * world > loss.memory_size
+            ):
+                raise ValueError(
+                    f"loss.extra xbm: memory_size={loss.memory_size} must hold at least one "
+                    f"batch of every rank ({features.shape[0]} x {world} workers)"
+                )
+            if distributed:
+                # the miner and the loss both see the gathered global batch, in the same order
+                miner = self._wrapped_miners[k]
+                tuples = miner(features, pids) if miner is not None else None
+                total = total + self._wrapped[k](features, pids, tuples)
+            else:
+                miner = self._miners[k]
+                tuples = miner(features, pids) if miner is not None else None
+                total = total + loss(features, pids, tuples)
+        return total
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # XBM's write position and fill flag are plain attributes, not buffers
+        return {"queues": [[int(loss.queue_idx), bool(loss.has_been_filled)]
+                           for loss in self.losses
+                           if isinstance(loss, pml_losses.CrossBatchMemory)]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        memories = [m for m in self.losses if isinstance(m, pml_losses.CrossBatchMemory)]
+        for memory, (queue_idx, filled) in zip(memories, state.get("queues", [])):
+            memory.queue_idx, memory.has_been_filled = int(queue_idx), bool(filled)
+
+
 def build_terms(config: LossConfig, num_classes: int,
                 branches: Sequence[BranchSpec]) -> list[LossTerm]:
     """The terms `config` asks for (a weight of 0 leaves a term out).
 
-    A new loss is a `LossTerm` subclass and one line here (and its config keys).
+    Metric-learning terms (triplet, center, `loss.extra`) are left out for a model without
+    metric branches (PCB: ID loss per stripe only). A new loss is a `LossTerm` subclass and
+    one line here (and its config keys).
     """
     terms: list[LossTerm] = []
     if config.id_weight > 0:
         terms.append(IdLossTerm(config.id_weight, config.label_smoothing))
+    if not any(b.metric for b in branches):
+        return terms
     if config.triplet_weight > 0:
         terms.append(TripletLossTerm(config.triplet_weight, branches, config.margin,
                                      config.soft_margin, config.distance))
     if config.center_weight > 0:
         terms.append(CenterLossTerm(config.center_weight, num_classes, branches,
                                     config.center_lr))
+    terms.extend(MetricLearningTerm(spec, branches) for spec in config.extra if spec.weight > 0)
     return terms
 
 

@@ -7,7 +7,8 @@ pick devices the same way, through this module (it sits below every other packag
 - `WORKER_ENV`: environment variables every Ray worker needs.
 - `resolve_device`: "auto" | "cpu" | "cuda" | "cuda:N" -> a torch device, with a clear error.
 - `cluster_gpus`, `gpus_per_actor`: how many GPUs Ray has, and what an actor should ask for.
-- `amp_enabled`: whether mixed precision is on for a setting ("auto", "on", "off") and device.
+- `amp_enabled`, `amp_dtype`: whether mixed precision is on for a setting ("auto", "on",
+  "fp16", "bf16", "off") and device, and in which dtype.
 - The console: a job prints our own lines (`[train] ...`, `[tune] ...`) and results; what Ray
   itself prints (its logs, every worker's log lines, warnings) goes to a log file, named at
   start-up. `--verbose` on a job (or `REID_PLATFORM_VERBOSE=1`) shows everything.
@@ -247,8 +248,17 @@ def gpus_per_actor(requested: float | None) -> float:
 
 
 def amp_enabled(setting: str, device: torch.device) -> bool:
-    """Mixed precision for `train.amp`: "on", "off", or "auto" = on when on a CUDA device."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    """Mixed precision for `train.amp`: "on"/"fp16", "bf16", "off", or "auto" = fp16 when on
+    a CUDA device."""
+    return setting in ("on", "fp16", "bf16") or (setting == "auto" and device.type == "cuda")
+
+
+def amp_dtype(setting: str) -> torch.dtype:
+    """The autocast dtype of `train.amp`: bfloat16 for "bf16", else float16. bf16 has fp32's
+    exponent range, so it trains without a GradScaler; fp16 needs one."""
+    import torch
+
+    return torch.bfloat16 if setting == "bf16" else torch.float16
 
 
 def process_cpus() -> int:

@@ -1,4 +1,5 @@
-"""MLflow: where runs go, and logging that works from the driver and from Ray workers.
+"""MLflow: where runs go, logging that works from the driver and from Ray workers, and the
+evaluation job's runs.
 
 The driver resolves the tracking URI, creates the experiment (Ray workers must not race to
 create it) and the run; rank 0 of the training workers logs metrics and artifacts into that run
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +195,99 @@ class RunLogger:
             self.end("FAILED")
             raise
         self.end("FINISHED")
+
+
+# ---- evaluation runs ------------------------------------------------------------------------
+
+_UNSAFE_NAME = re.compile(r"[^\w\-. :/]")
+
+
+def evaluation_metric_name(variant: str, metric: str) -> str:
+    """`eval/<variant>/<metric>`, characters MLflow rejects (e.g. `+`) replaced by `_`."""
+    return f"eval/{_UNSAFE_NAME.sub('_', variant.replace('/', '_'))}/{metric}"
+
+
+def evaluation_metrics(report: Mapping[str, Any], metric_names: Sequence[str]) -> dict[str, float]:
+    """The MLflow metrics of an evaluation report: every variant's metrics and the counts.
+
+    Args:
+        report: as `reid_platform.evaluation.pipeline.build_report` writes it.
+        metric_names: the per-variant metrics to log (rank1, mAP, ...).
+    """
+    metrics = {
+        evaluation_metric_name(name, key): values[key]
+        for name, values in report["variants"].items()
+        for key in metric_names
+    }
+    queries = report["queries"]
+    metrics["eval/valid_queries"] = queries["valid"]
+    metrics["eval/skipped_queries"] = queries["skipped"]
+    metrics["eval/skipped_queries_absent_from_gallery"] = queries["skipped_absent_from_gallery"]
+    metrics["eval/skipped_queries_same_camera_only"] = queries["skipped_same_camera_only"]
+    metrics["eval/skipped_images"] = len(report["skipped_images"])
+    return metrics
+
+
+def require_run(config: Config, run_id: str) -> str:
+    """The tracking URI (of the config) in which `run_id` exists.
+
+    Raises:
+        LookupError: no such run there; the message names the run and the store.
+    """
+    uri = resolve_tracking_uri(config)
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise LookupError(f"no MLflow run {run_id} at {uri} ({err})") from None
+    return uri
+
+
+def log_evaluation(
+    report: dict[str, Any],
+    report_path: Path,
+    config: Config,
+    metric_names: Sequence[str],
+    run_id: str | None = None,
+) -> tuple[str, str]:
+    """Log an evaluation report to MLflow: metrics, tags, and its folder as `evaluation/`.
+
+    The run is recorded in the report (`report["mlflow"]`) and report_path rewritten before
+    the folder is uploaded.
+
+    Args:
+        report: the evaluation report (checkpoints, options, variants, queries...).
+        report_path: its JSON file; the folder holding it (pictures too) is the artifact.
+        config: names the experiment and the tracking URI.
+        metric_names: the per-variant metrics to log.
+        run_id: an existing (e.g. training) run to log into; None creates a run.
+
+    Returns:
+        (tracking URI, run id).
+    """
+    uri = resolve_tracking_uri(config)
+    out_dir = report_path.parent
+    tags = {
+        "eval.checkpoints": ", ".join(c["path"] for c in report["checkpoints"]),
+        "eval.best_variant": report["best_variant"],
+        "eval.output_dir": str(out_dir),
+        **{f"eval.{k}": str(v) for k, v in report["options"].items()},
+    }
+    created = run_id is None
+    if created:
+        run_id = start_run(
+            config,
+            uri,
+            run_name=f"eval-{out_dir.name}",
+            tags={"job": "evaluate", "dataset": report["dataset"].get("name", "")},
+        )
+    logger = RunLogger(uri, run_id)
+    # A run created here ends with the logging (FAILED / KILLED if it does not complete); a
+    # given run (e.g. the training's) stays as it is.
+    with logger.ending_on_exit() if created else contextlib.nullcontext():
+        report["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        logger.set_tags(tags)
+        step = report["checkpoints"][0].get("epoch") or 0
+        logger.log_metrics(evaluation_metrics(report, metric_names), step=int(step))
+        logger.log_artifact(out_dir, "evaluation")
+    return uri, run_id

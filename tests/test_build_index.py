@@ -204,3 +204,28 @@ def test_gallery_samples_of_each_format(tiny_market, tmp_path):
         gallery_samples(tmp_path / "empty")
     with pytest.raises(DatasetError, match="not known"):
         gallery_samples(plain, "parquet")
+
+
+def test_flip_tta_gallery_equals_in_process_flip_embeddings(
+    ray_session, tiny_market, checkpoint, tmp_path, capsys
+):
+    from reid_platform.data.dataset import read_image
+    from reid_platform.retrieval import ShardedIndex, read_manifest
+    from reid_platform.retrieval.embedders import make_embedder
+    from reid_platform.retrieval.gallery import gallery_samples
+
+    out = tmp_path / "index"
+    args = ["--checkpoint", str(checkpoint), "--gallery", str(tiny_market), "--out", str(out)]
+    summary = run_job(*args, "--tta", "flip")
+    assert summary["tta"] == "flip" and read_manifest(out)["extra"]["tta"] == "flip"
+    samples, _ = gallery_samples(tiny_market)
+    embedder = make_embedder("torch", checkpoint, "cpu")
+    expected = embedder.embed([read_image(s.path) for s in samples], flip=True)  # (N, D)
+    with ShardedIndex.open(out) as index:
+        stored = index.shards[0].get_vectors([s.item_id for s in samples])
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    plain = embedder.embed([read_image(s.path) for s in samples[:3]])
+    assert not np.allclose(stored[:3], plain, atol=1e-3)  # flipping changed the embedding
+    with pytest.raises(SystemExit):  # the same index without flip: refused, names the field
+        run_job(*args)
+    assert "tta 'flip' (asked 'none')" in capsys.readouterr().err

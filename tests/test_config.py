@@ -131,7 +131,7 @@ def test_wrong_type_names_key(override, key):
 @pytest.mark.parametrize(
     "override,choices",
     [
-        ("model.pooling=max", "['avg', 'gem']"),
+        ("model.pooling=minmax", "['avg', 'gem', 'max', 'netvlad']"),
         ("model.head=softmax", "['linear', 'cosface', 'arcface']"),
         ("loss.distance=l1", "['euclidean', 'cosine']"),
         ("data.format=coco", "'market1501'"),
@@ -242,6 +242,28 @@ RECIPES = {
     "market1501_competition.yaml": {
         "loss.id_weight": 0.1, "loss.triplet_weight": 0.9, "model.pooling": "gem",
         "data.height": 256, "data.width": 128,
+    },
+    # fast-reid configs/Market1501/mgn_R50-ibn.yml (Base-MGN.yml, Base-SBS.yml)
+    "market1501_mgn.yaml": {
+        "model.arch": "mgn", "model.backbone": "resnet50", "model.ibn": "a",
+        "model.parts": ["1", "2", "3"], "model.part_dim": 256, "model.pooling": "max",
+        "data.height": 384, "data.width": 128, "data.num_instances": 16,
+        "loss.soft_margin": True, "loss.label_smoothing": 0.1, "train.epochs": 60,
+        "train.lr": 3.5e-4, "train.weight_decay": 5e-4, "train.freeze_backbone_iters": 1000,
+    },
+    # fast-reid configs/Market1501/bagtricks_R50-ibn.yml (Base-bagtricks.yml)
+    "market1501_ibn.yaml": {
+        "model.arch": "bot", "model.backbone": "resnet50", "model.ibn": "a",
+        "model.last_stride": 1, "data.height": 256, "data.width": 128,
+        "train.scheduler": "multistep", "train.milestones": [40, 90], "train.epochs": 120,
+        "loss.margin": 0.3,
+    },
+    # TransReID configs/Market/vit_base.yml with STRIDE_SIZE [12, 12]
+    "market1501_vit.yaml": {
+        "model.backbone": "vit_base_patch16_224", "model.patch_stride": 12,
+        "data.height": 256, "data.width": 128, "train.optimizer": "sgd", "train.lr": 0.008,
+        "train.weight_decay": 1e-4, "train.epochs": 120, "loss.soft_margin": True,
+        "loss.label_smoothing": 0.0,
     },
 }
 

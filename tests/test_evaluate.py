@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from reid_platform.checkpoint import save_checkpoint
-from reid_platform.config import Config
+from reid_platform.config import Config, ConfigError, parse_overrides
 from reid_platform.evaluation import (
+    STEPS,
     EvalLabels,
     EvalOptions,
     EvaluationError,
@@ -29,14 +30,26 @@ from reid_platform.evaluation import (
     evaluate_rank,
     evaluate_variants,
     fit_pca_whitening,
+    k_reciprocal_rerank,
+    pipeline,
     plan_variants,
+    plot_activation_maps,
     plot_embedding_scatter,
     plot_ranked_lists,
     query_expansion,
+    variants,
 )
-from reid_platform.evaluation.pipeline import mlflow_metric_name
-from reid_platform.evaluation.report import FALSE_MATCH, JUNK, TRUE_MATCH, match_kinds
+from reid_platform.evaluation.embed import activation_maps
+from reid_platform.evaluation.pictures import (
+    FALSE_MATCH,
+    JUNK,
+    TRUE_MATCH,
+    cmc_axis_floor,
+    match_kinds,
+    scatter_caption,
+)
 from reid_platform.models import build_model
+from reid_platform.tracking import evaluation_metric_name
 
 from conftest import REPO, run_job
 
@@ -88,7 +101,7 @@ def test_plan_variants_names():
     two = [v.name for v in plan_variants(["a", "b"], EvalOptions(rerank=True))]
     assert two == ["a", "a+rerank", "b", "b+rerank", "ensemble", "ensemble+rerank"]
     assert [v.name for v in plan_variants(["a", "b"], EvalOptions())] == ["a", "b", "ensemble"]
-    assert mlflow_metric_name("a+pca8+rerank", "mAP") == "eval/a_pca8_rerank/mAP"
+    assert evaluation_metric_name("a+pca8+rerank", "mAP") == "eval/a_pca8_rerank/mAP"
 
 
 def test_ensemble_of_a_model_with_itself_ranks_like_the_model_alone():
@@ -213,6 +226,130 @@ def test_options_that_do_not_fit_the_data_name_the_flag():
         evaluate_variants(models, labels, EvalOptions(dba_k=37))
 
 
+def test_evaluation_in_many_blocks_equals_the_full_matrices():
+    """600 queries in blocks of 256 rows: the blocked variants score as the matrices do."""
+    query, gallery, labels = random_problem(seed=8, num_ids=300, dim=24)
+    options = EvalOptions(qe_k=2)
+    results = by_name(
+        evaluate_variants([ModelEmbeddings("m", query, gallery)], labels, options, block_size=256)
+    )
+    args = (labels.q_pids, labels.g_pids, labels.q_camids, labels.g_camids)
+    raw = evaluate_rank(compute_distmat(query, gallery), *args)
+    np.testing.assert_array_equal(results["raw"].result.all_AP, raw.all_AP)
+    np.testing.assert_array_equal(results["raw"].result.cmc, raw.cmc)
+    expanded = evaluate_rank(compute_distmat(query_expansion(query, gallery, 2), gallery), *args)
+    assert results["raw+qe2"].metrics() == expanded.as_metrics()
+
+
+def test_ensemble_rerank_from_concatenated_features_is_the_dense_rerank_of_the_sum():
+    """sqrt(w)-scaled concatenated features: 1 - Q.G is the weighted sum of cosine distances,
+    so their re-ranking is the classic dense re-ranking of the summed matrices."""
+    query, gallery, labels = random_problem(seed=9)
+    rng = np.random.default_rng(9)
+    other_q = query + 0.5 * rng.standard_normal(query.shape).astype(np.float32)
+    other_g = gallery + 0.5 * rng.standard_normal(gallery.shape).astype(np.float32)
+    other_q /= np.linalg.norm(other_q, axis=1, keepdims=True)
+    other_g /= np.linalg.norm(other_g, axis=1, keepdims=True)
+    models = [
+        ModelEmbeddings("a", query, gallery, weight=1.0),
+        ModelEmbeddings("b", other_q, other_g, weight=3.0),
+    ]
+    options = EvalOptions(rerank=True, k1=6, k2=3)
+    got = by_name(evaluate_variants(models, labels, options))["ensemble+rerank"]
+
+    def summed(a_rows, a_cols, b_rows, b_cols):
+        return ensemble_distance(
+            [compute_distmat(a_rows, a_cols), compute_distmat(b_rows, b_cols)], [1.0, 3.0]
+        )
+
+    dense = k_reciprocal_rerank(
+        summed(query, gallery, other_q, other_g),
+        summed(query, query, other_q, other_q),
+        summed(gallery, gallery, other_g, other_g),
+        k1=6,
+        k2=3,
+    )
+    args = (labels.q_pids, labels.g_pids, labels.q_camids, labels.g_camids)
+    want = evaluate_rank(dense, *args)
+    np.testing.assert_allclose(got.result.all_AP, want.all_AP, atol=1e-9)
+    np.testing.assert_array_equal(got.result.cmc, want.cmc)
+
+
+def test_ensemble_rerank_of_euclidean_distances_too_large_for_dense_is_an_error(monkeypatch):
+    query, gallery, labels = random_problem(seed=10)
+    models = [ModelEmbeddings("a", query, gallery), ModelEmbeddings("b", query, gallery)]
+    monkeypatch.setattr(variants, "DENSE_RERANK_MAX_BYTES", 1000)
+    with pytest.raises(EvaluationError, match=r"--rerank of an ensemble with --distance euclid"):
+        evaluate_variants(models, labels, EvalOptions(rerank=True, distance="euclidean"))
+    # the same ensemble under cosine distances has no such limit
+    evaluate_variants(models, labels, EvalOptions(rerank=True))
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda step: step.name)
+def test_every_step_of_the_table_has_its_flag_its_variant_and_its_checks(step):
+    """A row of the table is enough: the option field, the CLI flag, the variant name and the
+    checks of the value all come from it."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    variants.add_option_arguments(parser)
+    switch = step.option
+    on = [switch.flag] if switch.kind is bool else [switch.flag, str(switch.smoke)]
+    args = parser.parse_args(on)
+    options = variants.options_from_args(args)
+    assert getattr(options, switch.name) == (True if switch.kind is bool else switch.smoke)
+    assert [v.name for v in plan_variants(["m"], options)] == ["raw", "raw" + step.suffix(
+        getattr(options, switch.name)
+    )]  # fmt: skip
+    query, gallery, labels = random_problem(seed=11)
+    result = by_name(evaluate_variants([ModelEmbeddings("m", query, gallery)], labels, options))
+    assert 0.0 < result["raw" + step.suffix(getattr(options, switch.name))].metrics()["mAP"]
+    if switch.kind is not bool:  # a value that does not fit the data names the flag
+        with pytest.raises(EvaluationError, match=f"^{switch.flag} "):
+            evaluate_variants(
+                [ModelEmbeddings("m", query, gallery)], labels,
+                EvalOptions(**{switch.name: len(gallery) + 1}),
+            )  # fmt: skip
+        with pytest.raises(EvaluationError, match=f"^{switch.flag} -1: must be >= 0"):
+            evaluate_variants(
+                [ModelEmbeddings("m", query, gallery)], labels, EvalOptions(**{switch.name: -1})
+            )
+
+
+def test_option_values_of_the_wrong_kind_name_the_flag():
+    query, gallery, labels = random_problem(seed=12)
+    models = [ModelEmbeddings("m", query, gallery)]
+    for options, message in [
+        (EvalOptions(distance="manhattan"), r"--distance 'manhattan': choose one of"),
+        (EvalOptions(pca_dim=2.5), r"--pca 2.5: expected a int"),
+        (EvalOptions(rerank=True, k1=0), r"--k1 0: must be >= 1$"),
+        (EvalOptions(rerank=True, lambda_value=1.5), r"--lambda 1.5: must be in \[0.0, 1.0\]"),
+        (EvalOptions(pca_dim=4, pca_fit="test"), r"--pca-fit 'test': choose one of"),
+    ]:
+        with pytest.raises(EvaluationError, match=message):
+            evaluate_variants(models, labels, options)
+
+
+def test_parse_overrides_is_the_set_parser_of_every_job():
+    assert parse_overrides(["data.root=/d", "train.epochs=2", "loss.margin=0.5", "name="]) == {
+        "data.root": "/d",
+        "train.epochs": 2,
+        "loss.margin": 0.5,
+        "name": "",
+    }
+    config = Config().replace(**parse_overrides(["data.height=64", "model.pooling=gem"]))
+    assert (config.data.height, config.model.pooling) == (64, "gem")
+    with pytest.raises(ConfigError, match=r"override 'data.root' must look like key=value"):
+        parse_overrides(["data.root"])
+
+
+def test_blocked_note_only_for_large_galleries():
+    note = pipeline.blocked_note(11659, 82161)  # MSMT17
+    assert "11659 x 82161 distances would take 3.6 GiB" in note
+    assert "blocks of 256 queries" in note
+    assert pipeline.blocked_note(3368, 19732) == ""  # Market-1501: 0.25 GiB
+
+
 # ---- pictures ----------------------------------------------------------------------------
 
 
@@ -266,8 +403,99 @@ def test_embedding_scatter_png(tmp_path, method, num):
     )
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (600, 500)
+    # One tab20 colour per drawn identity: the 20 with the most points (all, when fewer).
+    import matplotlib.pyplot as plt
+
+    drawn = min(20, len(np.unique(pids)))
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    palette = (np.array(plt.get_cmap("tab20").colors) * 255).round().astype(int)
+    present = [colour_pixels(pixels, rgb) >= 4 for rgb in palette]
+    expected = [True] * drawn + [False] * (20 - drawn)
+    greys = [14, 15]  # tab20's greys are also the greys of text and frames
+    assert [p for n, p in enumerate(present) if n not in greys] == [
+        e for n, e in enumerate(expected) if n not in greys
+    ]
     with pytest.raises(ValueError, match=r"\(3, 8\) and \(2,\)"):
         plot_embedding_scatter(np.zeros((3, 8)), np.zeros(2), tmp_path / "x.png")
+
+
+def test_cmc_axis_starts_just_below_the_lowest_curve():
+    curves = {"a": np.array([0.91, 0.95, 1.0]), "b": np.array([0.874, 0.9, 0.99])}
+    assert cmc_axis_floor(curves) == 80.0  # 87.4 - 5 = 82.4 -> 80
+    assert cmc_axis_floor({"a": np.array([0.03, 0.5])}) == 0.0
+    assert cmc_axis_floor({"a": np.array([0.2, 0.3]), "b": np.array([0.95])}) == 15.0
+
+
+def test_scatter_caption_says_what_is_drawn():
+    assert scatter_caption("t-SNE", 20, 52, 400, 1040) == (
+        "t-SNE of 20 of 52 identities (most images first), 400 of 1040 images"
+    )
+    assert scatter_caption("PCA", 8, 8, 61, 61) == "PCA of all 8 identities, all 61 images"
+
+
+def test_activation_maps_png_and_what_they_measure(tmp_path, tiny_market):
+    config = Config().replace(**{"model.backbone": "test_resnet"})
+    torch.manual_seed(0)
+    model = build_model(config.model, num_classes=4)
+    from reid_platform.data.formats import Sample
+
+    paths = sorted((tiny_market / "query").glob("*.jpg"))[:3]
+    samples = [Sample(str(p), 1, 0, "query") for p in paths]
+    images, maps = activation_maps(model, samples, 64, 32)
+    assert images.shape == (3, 64, 32, 3) and images.dtype == np.uint8
+    assert maps.shape == (3, 64, 32) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps.reshape(3, -1).min(axis=1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(maps.reshape(3, -1).max(axis=1), 1.0, atol=1e-6)
+    # The map is the channel energy of the backbone's last feature map, upsampled: its
+    # strongest cell is where the upsampled map peaks.
+    from reid_platform.data.transforms import build_eval_transform
+
+    transform = build_eval_transform(64, 32)
+    batch = torch.stack([transform(image=np.asarray(Image.open(p).convert("RGB")))["image"]
+                         for p in paths])  # fmt: skip
+    with torch.no_grad():
+        energy = (model.backbone.forward_features(batch) ** 2).sum(dim=1)  # (3, h, w)
+    h, w = energy.shape[1:]
+    for n in range(3):
+        peak = np.unravel_index(maps[n].argmax(), maps[n].shape)
+        cell = (peak[0] * h // 64, peak[1] * w // 32)
+        assert energy[n][cell] >= energy[n].flatten().sort().values[-2], n  # top-2 cell
+
+    out = plot_activation_maps(images, maps, tmp_path / "act.png", ["a", "b", "c"], title="t")
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert Image.open(out).format == "PNG" and picture.shape[1] >= 520
+    red = (picture[..., 0] > 180) & (picture[..., 1] < 90) & (picture[..., 2] < 90)
+    blue = (picture[..., 2] > 150) & (picture[..., 0] < 90)
+    assert red.sum() > 50 and blue.sum() > 50  # the jet heat maps are drawn
+    with pytest.raises(ValueError, match=r"\(3, 64, 32, 3\) and \(2, 64, 32\)"):
+        plot_activation_maps(images, maps[:2], tmp_path / "bad.png")
+
+
+def test_activation_maps_of_a_transformer_and_of_an_unreadable_backbone():
+    import timm
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+    vit = Wrapper(timm.create_model("test_vit", num_classes=0, img_size=(64, 32)))
+    from reid_platform.evaluation.embed import _feature_energy
+
+    tokens = torch.randn(2, 3, 64, 32)
+    energy = _feature_energy(vit.backbone, tokens)  # the patch tokens' squared norms
+    with torch.no_grad():
+        want = (vit.backbone.forward_features(tokens)[:, 1:] ** 2).sum(dim=2).reshape(2, 4, 2)
+    torch.testing.assert_close(energy, want)
+
+    class Flat(torch.nn.Module):
+        def forward_features(self, images):
+            return images.mean(dim=(2, 3))  # (B, C): no spatial map
+
+    with pytest.raises(EvaluationError, match=r"--activation-maps: the backbone Flat gives"):
+        _feature_energy(Flat(), tokens)
+    with pytest.raises(EvaluationError, match=r"--activation-maps: model Linear has no backbone"):
+        activation_maps(torch.nn.Linear(2, 2), [], 64, 32)
 
 
 # ---- the CLI -----------------------------------------------------------------------------
@@ -421,7 +649,20 @@ def test_cli_logs_into_a_given_run(eval_setup, workspace, monkeypatch, capsys):
     assert f"mlflow run: {run_id}" in stdout
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     assert set(METRICS) <= {k.split("/")[-1] for k in metrics if k.startswith("eval/raw/")}
-    assert json.loads((out / "report.json").read_text())["mlflow"]["run_id"] == run_id
+    report = json.loads((out / "report.json").read_text())
+    assert report["mlflow"]["run_id"] == run_id
+    # The job's raw numbers are the training loop's evaluation of the same checkpoint.
+    from reid_platform.checkpoint import load_model
+    from reid_platform.data.root import load_config_dataset
+    from reid_platform.evaluation.embed import evaluate_model
+
+    model, _ = load_model(eval_setup["checkpoints"][0], "cpu")
+    dataset = load_config_dataset(config)
+    result, skipped = evaluate_model(model, dataset.query, dataset.gallery, 64, 32, 64)
+    assert skipped == 0
+    for key, value in result.as_metrics().items():
+        assert report["variants"]["raw"][key] == value, key
+        assert metrics[f"eval/raw/{key}"] == pytest.approx(value, abs=1e-12), key
 
 
 def test_cli_user_errors_exit_2_with_the_reason(eval_setup, tmp_path, monkeypatch, capsys):
@@ -456,3 +697,53 @@ def test_cli_user_errors_exit_2_with_the_reason(eval_setup, tmp_path, monkeypatc
 
     code, _, stderr = run_cli(monkeypatch, capsys, ["--checkpoint", str(tmp_path / "nope")])
     assert code == 2 and "not a checkpoint" in stderr
+
+
+def test_cli_activation_maps_unreadable_images_and_large_gallery_note(
+    eval_setup, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "with_corrupt"
+    shutil.copytree(eval_setup["extra"], data)
+    corrupt = sorted((data / "bounding_box_test").glob("*.jpg"))[3]
+    corrupt.write_bytes(b"not a jpeg")
+    monkeypatch.setattr(pipeline, "LARGE_MATRIX_BYTES", 0)  # every gallery counts as large
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        [
+            "--checkpoint", str(eval_setup["checkpoints"][0]), "--set", f"data.root={data}",
+            "--activation-maps", "3", "--scatter", "pca", "--no-mlflow", "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert code == 0, stderr
+    n = len(list((data / "query").glob("*.jpg")))
+    assert f"large gallery: {n} x " in stdout and f"scored in blocks of {n} queries" in stdout
+    assert f"1 unreadable images skipped\n  skipped image: {corrupt}: " in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["pictures"]["activation_maps"] == "activation_maps.png"
+    assert read_png(out / "activation_maps.png").size[0] >= 520
+    assert len(report["skipped_images"]) == 1 and str(corrupt) in report["skipped_images"][0]
+    assert report["num_gallery"] == len(list((data / "bounding_box_test").glob("*.jpg"))) - 1
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--activation-maps", "-1"], "error: --activation-maps -1: N must be an integer in [0, "),
+        (["--activation-maps", "500"], "error: --activation-maps 500: N must be an integer in"),
+        (["--pca", "-3"], "error: --pca -3: must be >= 0 (0 = off)"),
+        (["--qe", "-1"], "error: --qe -1: must be >= 0 (0 = off)"),
+        (["--rerank", "--lambda", "2"], "error: --lambda 2.0: must be in [0.0, 1.0]"),
+        (["--rerank", "--k2", "0"], "error: --k2 0: must be >= 1"),
+    ],
+)
+def test_cli_bad_flag_values_name_the_flag(eval_setup, monkeypatch, capsys, flags, message):
+    code, _, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        ["--checkpoint", str(eval_setup["checkpoints"][0]), "--no-mlflow", *flags],
+    )
+    last_line = stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert code == 2 and last_line.startswith(message), stderr
+    assert "%|" not in stderr  # failed before anything was embedded

@@ -46,7 +46,7 @@ class Job:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 600) -> re.Match:
         deadline = time.monotonic() + timeout
         seen = 0
         while time.monotonic() < deadline:

@@ -3,6 +3,7 @@ durability (reopen, crash recovery), upsert/remove semantics and input validatio
 
 import json
 import sqlite3
+import zlib
 
 import numpy as np
 import pytest
@@ -247,18 +248,18 @@ def test_crash_recovery_from_db(tmp_path, gallery, index_type):
     assert not list(path.glob("shard_*/.*tmp*"))  # atomic writes leave no temp files
 
 
-def test_refresh_sees_writes_of_another_process(tmp_path, gallery):
+def test_reads_see_writes_of_another_connection(tmp_path, gallery):
     ids, vectors = gallery
     writer = ShardedIndex.create(tmp_path / "idx", DIM, 1)
     reader = open_shard(tmp_path / "idx", 0)  # e.g. a second Serve replica of shard 0
-    writer.add(ids[:20], vectors[:20])
     assert reader.count == 0
-    reader.refresh()
+    writer.add(ids[:20], vectors[:20])
+    assert reader.count == 20  # caught up by itself (PRAGMA data_version), no refresh()
     writer.remove(ids[:5])
-    reader.refresh()
-    assert reader.count == 15
     assert_same_result(reader.search(vectors[:3], 4), writer.search(vectors[:3], 4))
     assert reader.stats()["count"] == 15 and writer.stats()["count"] == 15
+    reader.refresh()  # still there: a forced full re-read
+    assert reader.count == 15 and ids[5] in reader and ids[0] not in reader
 
 
 def test_writes_are_committed_before_ack(tmp_path, gallery):
@@ -364,3 +365,196 @@ def test_l2_metric_scores_are_negative_distances(tmp_path, gallery):
     order = np.argsort(distances, axis=1)[:, :4]
     assert found == [[ids[j] for j in row] for row in order]
     np.testing.assert_allclose(scores, -np.take_along_axis(distances, order, axis=1), rtol=1e-5)
+
+
+# ---- several writers -------------------------------------------------------------------
+
+
+def test_labels_are_never_reused_across_writers(tmp_path, gallery):
+    """Two writers of one shard (a service and a build_index re-run): the second's in-memory
+    state is behind. Neither collides, and after a delete no label is reused, so on reopen
+    every id is served with its own vector (before: the deleted item's vector under a new id)."""
+    ids, vectors = gallery
+    path = tmp_path / "idx"
+    ShardedIndex.create(path, DIM, 1).close()
+    a, b = ShardedIndex.open(path), ShardedIndex.open(path)
+    b.add(["x"], vectors[:1])
+    b.save()  # the snapshot holds x's vector under its label
+    b.remove(["x"])
+    a.add(["y"], vectors[1:2])  # a never saw x: a stale counter would give y x's label
+    a.add(["z"], vectors[2:3])
+    b.add(["w"], vectors[3:4])
+    labels = [
+        row[0]
+        for row in sqlite3.connect(path / "shard_0" / "shard.sqlite").execute(
+            "SELECT label FROM items ORDER BY label"
+        )
+    ]
+    assert labels == [1, 2, 3]  # x had 0
+    a.close()
+    b.close()
+    with ShardedIndex.open(path) as index:
+        assert index.count == 3 and "x" not in index
+        scores, found = index.search(vectors[:4], 1)
+        assert [row[0] for row in found[1:]] == ["y", "z", "w"]
+        np.testing.assert_allclose(scores[1:, 0], 1.0, atol=1e-5)
+        assert found[0][0] != "x"
+
+
+WRITER = """
+import sys
+import zlib
+import numpy as np
+from reid_platform.retrieval import ShardedIndex
+path, name = sys.argv[1], sys.argv[2]
+index = ShardedIndex.open(path)
+def vec(item_id):  # each id's vector is a function of the id, known to the checker
+    v = np.random.default_rng(zlib.crc32(item_id.encode())).standard_normal(32)
+    return (v / np.linalg.norm(v)).astype(np.float32)[None, :]
+for n in range(60):
+    own = f"{name}-{n}"
+    index.add([own], vec(own), [{"writer": name}])
+    shared = f"shared-{n % 7}"  # both writers upsert these
+    index.add([shared], vec(shared), [{"writer": name}])
+    if n % 3 == 0:
+        index.remove([own])
+index.close()
+"""
+
+
+def id_vector(item_id: str) -> np.ndarray:
+    v = np.random.default_rng(zlib.crc32(item_id.encode())).standard_normal(32)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def test_two_writer_processes(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "idx"
+    ShardedIndex.create(path, DIM, 2).close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), name], stderr=subprocess.PIPE, text=True
+        )
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err  # no IntegrityError, no lock error
+    expected = sorted(
+        [f"{w}-{n}" for w in "ab" for n in range(60) if n % 3] + [f"shared-{n}" for n in range(7)]
+    )
+    with ShardedIndex.open(path) as index:
+        assert index.count == len(expected)
+        assert all(i in index for i in expected)
+        queries = np.stack([id_vector(i) for i in expected])
+        scores, found = index.search(queries, 1)
+        assert [row[0] for row in found] == expected  # every id has its own vector
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+        db = sqlite3.connect(path / "shard_0" / "shard.sqlite")
+        labels = [r[0] for r in db.execute("SELECT label FROM items")]
+        assert len(labels) == len(set(labels))
+
+
+def test_a_writer_that_holds_the_lock_too_long_is_reported(tmp_path, gallery, monkeypatch):
+    import reid_platform.retrieval.index as index_module
+    from reid_platform.retrieval.index import ShardLockedError
+
+    ids, vectors = gallery
+    ShardedIndex.create(tmp_path / "idx", DIM, 1).close()
+    monkeypatch.setattr(index_module, "WRITE_LOCK_TIMEOUT_S", 0.2)
+    shard = open_shard(tmp_path / "idx", 0)
+    other = sqlite3.connect(tmp_path / "idx" / "shard_0" / "shard.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    with pytest.raises(ShardLockedError, match=r"shard_0/shard.sqlite: another writer held"):
+        shard.add(ids[:1], vectors[:1])
+    other.execute("ROLLBACK")
+    shard.add(ids[:1], vectors[:1])  # the lock is free again
+    assert shard.count == 1 and shard.search(vectors[:1], 1)[1] == [[ids[0]]]
+
+
+# ---- metadata filters ------------------------------------------------------------------
+
+FILTERS = [
+    ({"camid": 2}, None),
+    ({"camid": [1, 3]}, None),
+    (None, {"camid": 2}),
+    ({"camid": [0, 1, 2]}, {"pid": [4, 5, 6]}),
+    ({"pid": 7, "camid": 1}, None),  # few matches: fewer than k
+    ({"flag": True}, None),  # JSON true, not 1
+    ({"name": "n3"}, None),
+    ({"camid": 99}, None),  # matches nothing
+    (None, {"pid": 3, "camid": 0}),  # the re-ID protocol: drop same pid and same camera
+]
+
+
+def matches(meta: dict, spec: dict | None) -> bool:
+    """Reference: every key equals one of its values (JSON equality, bool is not int)."""
+    if not spec:
+        return True
+    for key, value in spec.items():
+        values = value if isinstance(value, list) else [value]
+        if key not in meta or not any(
+            meta[key] == v and isinstance(meta[key], bool) == isinstance(v, bool) for v in values
+        ):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "IVF16,Flat"])
+@pytest.mark.parametrize(("where", "exclude"), FILTERS)
+def test_filters_equal_brute_force_over_matching_items(
+    tmp_path, gallery, index_type, where, exclude
+):
+    ids, vectors = gallery
+    metadata = [
+        {
+            "pid": i % 10,
+            "camid": i % 4,
+            "flag": i % 5 == 0,
+            "n": 1 if i % 5 == 0 else 0,
+            "name": f"n{i % 6}",
+        }
+        for i in range(len(ids))
+    ]
+    queries = unit(np.random.default_rng(7).standard_normal((12, DIM)))
+    index = ShardedIndex.create(tmp_path / "idx", DIM, 3, index_type=index_type)
+    index.add(ids, vectors, metadata)
+    index.remove(ids[:20])  # removed items never come back, filtered or not
+    if index_type != "Flat":
+        index.set_search_params(nprobe=16)  # every list: exact
+    keep = [
+        j
+        for j in range(20, len(ids))
+        if matches(metadata[j], where) and not (exclude and matches(metadata[j], exclude))
+    ]
+    for k in (1, 10, 40):
+        reference = brute_force([ids[j] for j in keep], vectors[keep], queries, k)
+        if not keep:
+            reference = (np.empty((len(queries), 0), np.float32), [[] for _ in queries])
+        assert_same_result(index.search(queries, k, where=where, exclude=exclude), reference)
+    scores, found, meta = index.search_with_metadata(queries, 5, where=where, exclude=exclude)
+    assert found == index.search(queries, 5, where=where, exclude=exclude)[1]
+    assert all(
+        m == metadata[ids.index(i)]
+        for row_ids, row_meta in zip(found, meta)
+        for i, m in zip(row_ids, row_meta)
+    )
+
+
+def test_filter_errors_name_the_argument(tmp_path, gallery):
+    ids, vectors = gallery
+    index = ShardedIndex.create(tmp_path / "idx", DIM, 2)
+    index.add(ids[:10], vectors[:10])
+    for where, message in [
+        ({"camid": {"gt": 3}}, r"where.camid: values must be strings, numbers"),
+        ({"camid": float("nan")}, r"where.camid: nan is not a finite number"),
+        ({"camid": []}, r"where.camid: an empty list matches nothing"),
+        ([1, 2], r"where must be an object"),
+        ({"": 1}, r"where: keys must be non-empty strings"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            index.search(vectors[:1], 3, where=where)
+    with pytest.raises(ValueError, match="exclude.pid"):
+        index.search(vectors[:1], 3, exclude={"pid": [[1]]})

@@ -374,3 +374,257 @@ def test_a_new_term_needs_no_loop_code():
         ReidLoss(LossConfig(), 3, [BranchSpec("g", 4)], terms=[term, ScaledIdentityTerm(1.0)])
     with pytest.raises(ValueError, match="every loss weight is 0"):
         ReidLoss(LossConfig(id_weight=0.0, triplet_weight=0.0), 3, [BranchSpec("g", 4)])
+
+
+# ---- the metric-learning zoo (loss.extra, pytorch-metric-learning) ------------------------
+
+
+def ref_pairs(features: torch.Tensor, pids: torch.Tensor):
+    """Plain-Python lists: unit features, and per anchor its positives and negatives."""
+    rows = [[float(v) for v in row] for row in features.double()]
+    unit = [[v / math.sqrt(sum(x * x for x in row)) for v in row] for row in rows]
+    labels = [int(p) for p in pids]
+    n = len(rows)
+    pos = [[j for j in range(n) if j != i and labels[j] == labels[i]] for i in range(n)]
+    neg = [[j for j in range(n) if labels[j] != labels[i]] for i in range(n)]
+    return unit, pos, neg
+
+
+def ref_cos(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def ref_contrastive(features, pids, pos_margin: float, neg_margin: float) -> float:
+    """Mean over non-zero positive pair losses + mean over non-zero negative pair losses,
+    on L2-normalised features (Euclidean distance)."""
+    unit, pos, neg = ref_pairs(features, pids)
+
+    def dist(i, j):
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(unit[i], unit[j])))
+
+    pos_l = [max(0.0, dist(i, j) - pos_margin) for i in range(len(unit)) for j in pos[i]]
+    neg_l = [max(0.0, neg_margin - dist(i, j)) for i in range(len(unit)) for j in neg[i]]
+
+    def mean_nonzero(values):
+        nonzero = [v for v in values if v > 0]
+        return sum(nonzero) / len(nonzero) if nonzero else 0.0
+
+    return mean_nonzero(pos_l) + mean_nonzero(neg_l)
+
+
+def ref_circle(features, pids, m: float, gamma: float) -> float:
+    """Circle loss (Sun et al. 2020, eq. 6) per anchor with positives and negatives, mean."""
+    unit, pos, neg = ref_pairs(features, pids)
+    losses = []
+    for i in range(len(unit)):
+        if not pos[i] or not neg[i]:
+            continue
+        sp = [ref_cos(unit[i], unit[j]) for j in pos[i]]
+        sn = [ref_cos(unit[i], unit[j]) for j in neg[i]]
+        pos_sum = sum(math.exp(-gamma * max(0.0, 1 + m - s) * (s - (1 - m))) for s in sp)
+        neg_sum = sum(math.exp(gamma * max(0.0, s + m) * (s - m)) for s in sn)
+        losses.append(math.log(1.0 + pos_sum * neg_sum))
+    return sum(losses) / len(losses)
+
+
+def ref_multi_similarity(features, pids, alpha: float, beta: float, base: float) -> float:
+    """Multi-similarity loss (Wang et al. 2019, eq. 7) over all pairs, mean over anchors."""
+    unit, pos, neg = ref_pairs(features, pids)
+    total = 0.0
+    for i in range(len(unit)):
+        sp = [ref_cos(unit[i], unit[j]) for j in pos[i]]
+        sn = [ref_cos(unit[i], unit[j]) for j in neg[i]]
+        total += math.log(1 + sum(math.exp(-alpha * (s - base)) for s in sp)) / alpha
+        total += math.log(1 + sum(math.exp(beta * (s - base)) for s in sn)) / beta
+    return total / len(unit)
+
+
+def extra_term(**spec):
+    from reid_platform.config import ExtraLoss
+    from reid_platform.losses import MetricLearningTerm
+
+    return MetricLearningTerm(ExtraLoss(**spec), [BranchSpec("global", 6)])
+
+
+def batch_of(seed: int, num_ids: int = 4, k: int = 3, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    pids = pk_pids(num_ids, k, g)
+    return torch.randn(len(pids), dim, generator=g, dtype=torch.float64), pids
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_contrastive_circle_multi_similarity_match_the_papers(seed):
+    features, pids = batch_of(seed)
+    out = one_branch(features, features)
+    batch = {"pid": pids}
+    got = extra_term(name="contrastive", pos_margin=0.1, neg_margin=0.8)(out, batch)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref_contrastive(features, pids, 0.1, 0.8), rel=1e-5)
+    got = extra_term(name="circle", margin=0.25, scale=16.0)(out, batch)
+    assert got.item() == pytest.approx(ref_circle(features, pids, 0.25, 16.0), rel=1e-5)
+    got = extra_term(name="multi_similarity", alpha=2.0, beta=10.0, base=0.5,
+                     miner_epsilon=0.0)(out, batch)
+    assert got.item() == pytest.approx(ref_multi_similarity(features, pids, 2.0, 10.0, 0.5),
+                                       rel=1e-5)
+
+
+def test_metric_learning_terms_sum_over_metric_branches_only():
+    from reid_platform.config import ExtraLoss
+    from reid_platform.losses import MetricLearningTerm
+
+    features, pids = batch_of(3)
+    other = features.flip(0)
+    out = ReidOutput([BranchOutput(features, features, None),
+                      BranchOutput(other, other, None),
+                      BranchOutput(features * 0, features * 0, None)])
+    branches = [BranchSpec("g", 6), BranchSpec("g2", 6), BranchSpec("part", 6, metric=False)]
+    term = MetricLearningTerm(ExtraLoss(name="circle", scale=16.0), branches)
+    want = ref_circle(features, pids, 0.25, 16.0) + ref_circle(other, pids, 0.25, 16.0)
+    assert term(out, {"pid": pids}).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_xbm_mines_against_the_memory_and_resumes(tmp_path):
+    """Cross-batch memory: the second batch is contrasted with the first batch's (detached)
+    embeddings too; the memory and its write position survive a training-state round trip."""
+    first, pids1 = batch_of(4)
+    second, pids2 = batch_of(5)
+    pids2 = pids2 + 2  # two identities shared with the first batch, two new ones
+    config = LossConfig(id_weight=0.0, triplet_weight=0.0, extra=(
+        _extra(name="xbm", inner="contrastive", memory_size=64, pos_margin=0.0,
+               neg_margin=0.9),))
+    branches = [BranchSpec("global", 6)]
+    loss = ReidLoss(config, 5, branches)
+    assert list(loss.terms) == ["xbm"]
+    loss(one_branch(first, first), {"pid": pids1})
+    got = loss(one_branch(second, second), {"pid": pids2}).terms["xbm"]
+    # reference: contrastive pairs of batch-2 anchors against memory = batch 1 + batch 2
+    memory = torch.cat([first, second])
+    mem_pids = torch.cat([pids1, pids2])
+    unit = F.normalize(memory, dim=1)
+    pos_l, neg_l = [], []
+    offset = len(first)
+    for i in range(len(second)):
+        for j in range(len(memory)):
+            if j == offset + i:
+                continue
+            d = (unit[offset + i] - unit[j]).norm().item()
+            if mem_pids[j] == pids2[i]:
+                pos_l.append(max(0.0, d))
+            else:
+                neg_l.append(max(0.0, 0.9 - d))
+    want = sum(v for v in pos_l if v > 0) / sum(v > 0 for v in pos_l) + sum(
+        v for v in neg_l if v > 0) / sum(v > 0 for v in neg_l)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+    path = tmp_path / "state.pt"
+    torch.save(loss.training_state(), path)
+    restored = ReidLoss(config, 5, branches)
+    restored.load_training_state(torch.load(path, weights_only=True))
+    (a,), (b,) = loss.terms["xbm"].losses, restored.terms["xbm"].losses
+    assert (b.queue_idx, b.has_been_filled) == (a.queue_idx, a.has_been_filled) == (24, False)
+    torch.testing.assert_close(b.embedding_memory, a.embedding_memory)
+    third, pids3 = batch_of(6)
+    torch.testing.assert_close(restored(one_branch(third, third), {"pid": pids3}).terms["xbm"],
+                               loss(one_branch(third, third), {"pid": pids3}).terms["xbm"])
+
+
+def _extra(**spec):
+    from reid_platform.config import ExtraLoss
+
+    return ExtraLoss(**spec)
+
+
+def test_extra_losses_from_config_and_errors():
+    from reid_platform.config import Config, ConfigError, load_config
+
+    config = load_config(None, ["loss.extra=[{name: circle, weight: 0.5}, {name: xbm}]"])
+    loss = ReidLoss(config.loss, 5, [BranchSpec("global", 6)])
+    assert list(loss.terms) == ["id", "triplet", "circle", "xbm"]
+    assert loss.terms["circle"].weight == 0.5
+    # a sweep (or --set) addresses an entry by its name
+    swept = config.replace(**{"loss.extra.circle.weight": 0.25,
+                              "loss.extra.multi_similarity.weight": 2.0})
+    assert [(e.name, e.weight) for e in swept.loss.extra] == [
+        ("circle", 0.25), ("xbm", 1.0), ("multi_similarity", 2.0)]
+    assert Config.from_dict(swept.to_dict()) == swept
+    with pytest.raises(ConfigError, match=r"loss.extra\[0\].name='arc' is not allowed"):
+        load_config(None, ["loss.extra=[{name: arc}]"])
+    with pytest.raises(ConfigError, match=r"loss.extra\[0\].name is required"):
+        load_config(None, ["loss.extra=[{weight: 1.0}]"])
+    with pytest.raises(ValueError, match="distinct names"):
+        ReidLoss(load_config(None, ["loss.extra=[{name: circle}, {name: circle}]"]).loss, 5,
+                 [BranchSpec("global", 6)])
+    small = ReidLoss(LossConfig(extra=(_extra(name="xbm", memory_size=8),)), 5,
+                     [BranchSpec("global", 6)])
+    features, pids = batch_of(0)
+    with pytest.raises(ValueError, match=r"memory_size=8 must hold at least one batch"):
+        small(one_branch(features, features.float()), {"pid": pids})
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, features: torch.Tensor,
+                pids: torch.Tensor, results) -> None:
+    """One rank: its half of the batch through every zoo loss; loss and gradient back."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        size = len(pids) // world
+        mine = slice(rank * size, (rank + 1) * size)
+        out = {}
+        for name, spec in ZOO.items():
+            term = extra_term(**spec)
+            for _step in range(2):  # XBM: the second step also sees the first's memory
+                local = features[mine].clone().requires_grad_(True)
+                value = term(one_branch(local, local), {"pid": pids[mine]})
+                value.backward()
+            # numpy pickles by value: a tensor would be shared through a file descriptor that
+            # dies with this process
+            out[name] = (float(value), local.grad.numpy().copy())
+        results.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+ZOO = {
+    "contrastive": dict(name="contrastive", pos_margin=0.1, neg_margin=0.8),
+    "circle": dict(name="circle", scale=16.0),
+    "multi_similarity": dict(name="multi_similarity", beta=10.0, miner_epsilon=0.1),
+    "xbm": dict(name="xbm", inner="multi_similarity", memory_size=64, beta=10.0),
+}
+
+
+def test_zoo_under_ddp_gathers_before_mining(tmp_path):
+    """Two gloo ranks with half a batch each: every rank's loss is world_size times the
+    single-process loss of the whole batch (mined over it), and its gradient world_size times
+    the gradient of its own half, so DDP's averaging gives the single-process gradient."""
+    import torch.multiprocessing as mp
+
+    features, pids = batch_of(7, num_ids=4, k=4)
+    features = features.float()
+    order = torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)])  # ranks share ids
+    features, pids = features[order], pids[order]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    procs = [context.Process(target=_ddp_worker,
+                             args=(r, 2, str(tmp_path / "init"), features, pids, results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get() for _ in procs)
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for name, spec in ZOO.items():
+        term = extra_term(**spec)
+        for _ in range(2):
+            full = features.clone().requires_grad_(True)
+            value = term(one_branch(full, full), {"pid": pids})
+            value.backward()
+        for rank in range(2):
+            loss_r, grad_r = got[rank][name]
+            assert loss_r / 2 == pytest.approx(value.item(), rel=1e-4), name
+            torch.testing.assert_close(torch.from_numpy(grad_r) / 2,
+                                       full.grad[rank * 8:(rank + 1) * 8],
+                                       rtol=1e-4, atol=1e-6)

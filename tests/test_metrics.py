@@ -1,14 +1,24 @@
-"""Market-1501 CMC / mAP / mINP against a per-query loop, and distance matrices vs scipy."""
+"""Market-1501 CMC / mAP / mINP against a per-query loop, the blocked evaluation from features
+against the full matrix, and distance matrices vs scipy."""
 
 from __future__ import annotations
 
+import math
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from reid_platform.evaluation import EvaluationError, RankResult, compute_distmat, evaluate_rank
+from reid_platform.evaluation import (
+    EvaluationError,
+    RankResult,
+    compute_distmat,
+    evaluate_features,
+    evaluate_rank,
+)
+from reid_platform.evaluation.metrics import RankAccumulator, distance_blocks, evaluate_blocks
 
 
 def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -16,7 +26,9 @@ def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     cmc_sum = [0.0] * max_rank
     aps, inps = [], []
     for i in range(len(q_pids)):
-        order = sorted(range(len(g_pids)), key=lambda j: distmat[i][j])
+        # Python's sort is stable: ties keep gallery order; NaN distances go last.
+        row = [(1, 0.0) if math.isnan(d) else (0, d) for d in distmat[i]]
+        order = sorted(range(len(g_pids)), key=lambda j: row[j])
         ranked = [
             j
             for j in order
@@ -46,12 +58,20 @@ def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     )
 
 
-def random_problem(rng, num_q, num_g, num_ids, num_cams):
+def random_problem(rng, num_q, num_g, num_ids, num_cams, kind="uniform"):
     q_pids = rng.integers(0, num_ids, num_q)
     g_pids = rng.integers(-1, num_ids + 2, num_g)  # -1 junk; ids >= num_ids never queried
     q_camids = rng.integers(0, num_cams, num_q)
     g_camids = rng.integers(0, num_cams, num_g)
-    distmat = rng.random((num_q, num_g))
+    if kind == "uniform":
+        distmat = rng.random((num_q, num_g))
+    elif kind == "ties":  # a handful of integer values: matches tie with non-matches
+        distmat = rng.integers(0, 4, (num_q, num_g))
+    else:  # float32 with ties, infinities and NaN (ranked last, as by np.argsort)
+        distmat = rng.integers(0, 6, (num_q, num_g)).astype(np.float32)
+        distmat[rng.random(distmat.shape) < 0.1] = np.inf
+        distmat[rng.random(distmat.shape) < 0.05] = -np.inf
+        distmat[rng.random(distmat.shape) < 0.1] = np.nan
     return distmat, q_pids, g_pids, q_camids, g_camids
 
 
@@ -65,9 +85,12 @@ def random_problem(rng, num_q, num_g, num_ids, num_cams):
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_evaluate_rank_matches_loop(num_q, num_g, num_ids, num_cams, max_rank, block_size, seed):
+@pytest.mark.parametrize("kind", ["uniform", "ties", "nan_inf"])
+def test_evaluate_rank_matches_loop(
+    num_q, num_g, num_ids, num_cams, max_rank, block_size, seed, kind
+):
     rng = np.random.default_rng(seed * 100 + num_q)
-    problem = random_problem(rng, num_q, num_g, num_ids, num_cams)
+    problem = random_problem(rng, num_q, num_g, num_ids, num_cams, kind)
     distmat, q_pids, g_pids, q_camids, g_camids = problem
     want = loop_evaluate(
         distmat.tolist(),
@@ -194,14 +217,19 @@ def test_non_2d_distmat_and_bad_max_rank():
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("block_size", [3, 4096])
-def test_compute_distmat_matches_cdist(metric, block_size):
+@pytest.mark.parametrize("num_query", [10, 300])  # 300: two tiles of query rows
+def test_compute_distmat_matches_cdist(metric, num_query):
     rng = np.random.default_rng(11)
-    query = rng.standard_normal((10, 16)) * 2
+    query = rng.standard_normal((num_query, 16)) * 2
     gallery = rng.standard_normal((23, 16)) * 2
-    got = compute_distmat(query, gallery, metric=metric, block_size=block_size)
-    assert got.dtype == np.float32 and got.shape == (10, 23)
+    got = compute_distmat(query, gallery, metric=metric)
+    assert got.dtype == np.float32 and got.shape == (num_query, 23)
     np.testing.assert_allclose(got, cdist(query, gallery, metric), rtol=1e-4, atol=1e-4)
+    # The blocks are the same bits, whatever their size.
+    for block_size in (1, 257, None):
+        blocks = list(distance_blocks(query, gallery, metric, block_size))
+        assert [start for start, _ in blocks] == list(range(0, num_query, len(blocks[0][1])))
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), got)
 
 
 def test_compute_distmat_identical_rows():
@@ -217,3 +245,102 @@ def test_compute_distmat_errors():
         compute_distmat(np.zeros((3, 4)), np.zeros((2, 5)))
     with pytest.raises(EvaluationError, match="manhattan"):
         compute_distmat(np.zeros((3, 4)), np.zeros((2, 4)), metric="manhattan")
+
+
+# ---- the blocked evaluation from features ---------------------------------------------------
+
+
+def tied_features(rng, num_q, num_g, dim, num_ids):
+    """Clustered features on a coarse grid, with exact duplicates: many exactly tied distances.
+
+    Labels have junk (-1), distractors never queried, same-camera matches and queries whose
+    identity is absent from the gallery.
+    """
+    centres = rng.integers(-2, 3, (num_ids + 1, dim)).astype(np.float32)
+    q_pids = rng.integers(0, num_ids + 3, num_q)  # ids >= num_ids: absent from the gallery
+    g_pids = rng.integers(-1, num_ids, num_g)
+    query = centres[np.minimum(q_pids, num_ids)] + rng.integers(-1, 2, (num_q, dim))
+    gallery = centres[np.maximum(g_pids, 0)] + rng.integers(-1, 2, (num_g, dim))
+    gallery[1::3] = gallery[::3][: len(gallery[1::3])]  # exact duplicates
+    q_camids, g_camids = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    return query.astype(np.float32), gallery.astype(np.float32), q_pids, g_pids, q_camids, g_camids
+
+
+def assert_same_result(got: RankResult, want: RankResult):
+    np.testing.assert_array_equal(got.cmc, want.cmc)
+    np.testing.assert_array_equal(got.all_AP, want.all_AP)
+    np.testing.assert_array_equal(got.all_INP, want.all_INP)
+    assert (got.mAP, got.mINP) == (want.mAP, want.mINP)
+    assert (got.num_valid_queries, got.num_skipped_queries) == (
+        want.num_valid_queries,
+        want.num_skipped_queries,
+    )
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("block_size", [None, 1, 300])
+def test_evaluate_features_equals_the_full_matrix(metric, block_size):
+    rng = np.random.default_rng(21)
+    query, gallery, q_pids, g_pids, q_camids, g_camids = tied_features(rng, 600, 400, 6, 12)
+    distmat = compute_distmat(query, gallery, metric)
+    # the data is as nasty as promised
+    assert len(np.unique(distmat[0])) < 0.5 * len(gallery)  # heavy ties
+    want = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=30)
+    assert 0 < want.num_skipped_queries < 600
+    assert want.mAP < 0.9  # plenty of false matches ranked ahead
+    got = evaluate_features(
+        query, gallery, q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=30,
+        block_size=block_size,
+    )  # fmt: skip
+    assert_same_result(got, want)
+    # and the full matrix itself agrees with the per-query loop on a few queries
+    loop = loop_evaluate(
+        distmat[:40].tolist(), q_pids[:40].tolist(), g_pids.tolist(), q_camids[:40].tolist(),
+        g_camids.tolist(), 30,
+    )  # fmt: skip
+    head = evaluate_rank(distmat[:40], q_pids[:40], g_pids, q_camids[:40], g_camids, max_rank=30)
+    assert head.mAP == pytest.approx(loop[1], abs=1e-12)
+    np.testing.assert_allclose(head.cmc, loop[0], atol=1e-12)
+
+
+def test_evaluate_features_memory_is_bounded():
+    """Peak allocations of the blocked path stay far below the one full matrix."""
+    rng = np.random.default_rng(5)
+    num_q, num_g, dim, num_ids = 1024, 16000, 32, 400
+    centres = rng.standard_normal((num_ids, dim)).astype(np.float32)
+    q_pids, g_pids = rng.integers(0, num_ids, num_q), rng.integers(0, num_ids, num_g)
+    query = centres[q_pids] + 0.3 * rng.standard_normal((num_q, dim), dtype=np.float32)
+    gallery = centres[g_pids] + 0.3 * rng.standard_normal((num_g, dim), dtype=np.float32)
+    q_camids, g_camids = rng.integers(0, 6, num_q), rng.integers(0, 6, num_g)
+    full_bytes = num_q * num_g * 4  # 65.5 MB
+    tracemalloc.start()
+    try:
+        result = evaluate_features(
+            query, gallery, q_pids, g_pids, q_camids, g_camids, block_size=128
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.num_valid_queries > 1000
+    # one 256-row block (16 MB; blocks are whole tiles of 256 query rows), its mask and the
+    # distances it keeps, feature copies (2 MB)
+    block_bytes = 256 * num_g * 4
+    assert peak < 1.6 * block_bytes, peak / 2**20
+    assert peak < full_bytes / 2.5
+    want = evaluate_rank(compute_distmat(query, gallery), q_pids, g_pids, q_camids, g_camids)
+    assert_same_result(result, want)
+
+
+def test_blocks_out_of_order_or_missing_are_errors():
+    rng = np.random.default_rng(3)
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(rng, 10, 20, 4, 2)
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    expected_first = r"rows 5\.\.9: expected the block that starts at row 0 "
+    with pytest.raises(EvaluationError, match=expected_first):
+        evaluate_blocks([(5, distmat[5:])], *labels)
+    with pytest.raises(EvaluationError, match=r"only 6 of 10 query rows were ranked"):
+        evaluate_blocks([(0, distmat[:6])], *labels)
+    with pytest.raises(EvaluationError, match=r"shape \(10, 19\); expected \(rows, 20\)"):
+        RankAccumulator(*labels).add(distmat[:, 1:])
+    with pytest.raises(EvaluationError, match=r"query features have shape \(10, 4\) but query"):
+        evaluate_features(np.zeros((10, 4)), np.zeros((20, 4)), q_pids[:9], *labels[1:])

@@ -4,7 +4,7 @@ steps, and the scalable feature version against the dense one."""
 import numpy as np
 import pytest
 
-from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
+from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_blocks, rerank_features
 
 
 def loop_rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
@@ -181,3 +181,25 @@ def test_features_unit_length_cosine_matches_dense():
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     want = k_reciprocal_rerank(*cosine_dists(query, gallery))
     np.testing.assert_allclose(rerank_features(query, gallery), want, atol=1e-4)
+
+
+def test_features_match_dense_when_the_scan_samples_its_bound():
+    """Over 4 * k * 8 points, the scan bounds each row's k-th neighbour from a sample of the
+    points instead of partitioning the whole row: same neighbours, same result."""
+    rng = np.random.default_rng(13)
+    query, gallery = clustered_feats(rng, 100, 900, 32, 100)  # 1000 points, a sample of 125
+    want = k_reciprocal_rerank(*cosine_dists(query, gallery))
+    np.testing.assert_allclose(rerank_features(query, gallery, backend="numpy"), want, atol=1e-4)
+
+
+def test_blocks_are_the_rows_of_rerank_features():
+    rng = np.random.default_rng(17)
+    query, gallery = clustered_feats(rng, 37, 120, 16, 10)
+    full = rerank_features(query, gallery, k1=9, k2=3, metric="euclidean")
+    # 120 gallery columns * 4 bytes * 10 rows: blocks of 10 query rows
+    blocks = list(rerank_blocks(query, gallery, k1=9, k2=3, metric="euclidean", block_bytes=4800))
+    assert [start for start, _ in blocks] == [0, 10, 20, 30]
+    assert [len(block) for _, block in blocks] == [10, 10, 10, 7]
+    np.testing.assert_array_equal(np.concatenate([block for _, block in blocks]), full)
+    with pytest.raises(ValueError, match=r"k1 must be an integer >= 1, got 0"):
+        rerank_blocks(query, gallery, k1=0)  # checked at the call, not at the first block

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -165,7 +163,7 @@ def test_bad_input_is_a_clear_error(tmp_path, workspace):
         ([f"data.root={keep.parent}"], "refusing to overwrite it"),
         (["model.backbone=resnet_50"], "is not a timm model; similar names"),
         ([f"train.resume_from={tmp_path / 'nope'}"], "train.resume_from="),
-        (["train.num_workers=0"], "train.num_workers=0 must be >= 1"),
+        (["train.num_workers=-1"], "train.num_workers=-1 must be >= 1 (Ray Train DDP workers)"),
     ]:
         proc = subprocess.run(
             [sys.executable, "jobs/train.py", "--set", *args], cwd=REPO, env=env,
@@ -180,23 +178,9 @@ def test_bad_input_is_a_clear_error(tmp_path, workspace):
 @pytest.fixture(scope="module")
 def digits_tree(tmp_path_factory) -> Path:
     """scikit-learn's bundled digits as folder-per-identity, all ten digits in every split."""
-    from sklearn.datasets import load_digits
+    from reid_platform.data.digits import write_digits_tree
 
-    digits = load_digits()
-    root = tmp_path_factory.mktemp("digits")
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(digits.target))
-    counts: dict[tuple[str, int], int] = {}
-    for n, index in enumerate(order):
-        label = int(digits.target[index])
-        split = "train" if n % 2 == 0 else ("query" if n % 10 == 1 else "gallery")
-        image = (digits.images[index] * (255 / 16)).astype(np.uint8)
-        image = cv2.resize(image, (32, 32), interpolation=cv2.INTER_LINEAR)
-        folder = root / split / f"digit{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        counts[(split, label)] = counts.get((split, label), 0) + 1
-        cv2.imwrite(str(folder / f"{index:04d}.png"), cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
-    return root
+    return write_digits_tree(tmp_path_factory.mktemp("digits"), size=32, seed=0)
 
 
 def test_digits_training_beats_untrained(digits_tree, ray_session, workspace):

@@ -18,47 +18,95 @@ from PIL import Image, UnidentifiedImageError
 
 from reid_platform.data.formats import Sample
 
-# Decompression bombs: a served or scraped image may claim billions of pixels.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# Decompression bombs: a served or scraped image may declare billions of pixels in a few KB
+# (a 117 KB PNG can declare 11000 x 11000). PIL's own limit only warns below twice this value,
+# so `check_image_size` refuses anything above the limit from the header, before decoding.
+MAX_IMAGE_PIXELS = 64_000_000  # default limit of decode_image / read_image (w * h)
+# PIL's own check stays as a backstop for callers that pass a larger limit; set above ours so
+# that it never warns about an image that our check lets through.
+Image.MAX_IMAGE_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
 class ImageDecodeError(ValueError):
     """An image could not be decoded; the message says which and why."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image declares more pixels than the limit (checked before decoding)."""
+
+
+def check_image_size(image: Image.Image, source: str, max_pixels: int) -> None:
+    """Refuse an opened (not yet decoded) image whose declared width x height is over
+    `max_pixels`. `Image.open` reads only the header, so this costs nothing.
+
+    Raises:
+        ImageTooLargeError: naming the declared size and the limit.
+    """
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{source}: image of {width}x{height} = {width * height} pixels is over the limit "
+            f"of {max_pixels} pixels"
+        )
+
+
+def _open(fp: Any, source: str, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(fp)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{source}: file not found") from None
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{source}: {err} (the limit here is {max_pixels})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageDecodeError(f"{source}: not an image ({err})") from None
+    check_image_size(image, source, max_pixels)
+    return image
+
+
 def _to_rgb_array(image: Image.Image, source: str) -> np.ndarray:
     try:
         image.load()  # forces a full decode: truncated files raise here, not later
         return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"{source}: cannot decode image ({err})") from None
 
 
-def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes, source: str = "image", max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode image bytes (JPEG, PNG, ...) into an (H, W, 3) uint8 RGB array.
 
+    Args:
+        data: the encoded file.
+        source: what to call it in errors (an upload's field, a path).
+        max_pixels: largest declared width x height accepted; checked from the header,
+            before any pixel is decoded.
+
     Raises:
-        ImageDecodeError: the bytes are not a complete image.
+        ImageDecodeError: the bytes are not a complete image. ImageTooLargeError (a subclass)
+            when it declares more than `max_pixels` pixels.
     """
-    try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"{source}: not an image ({err})") from None
+    image = _open(io.BytesIO(data), source, max_pixels)
     return _to_rgb_array(image, source)
 
 
-def read_image(path: str | Path, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def read_image(
+    path: str | Path,
+    box: tuple[int, int, int, int] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB, cropped to box (x, y, w, h) if given.
 
+    Args:
+        path: the image file.
+        box: region of interest in pixels, clipped to the image.
+        max_pixels: largest declared width x height accepted (checked before decoding).
+
     Raises:
-        ImageDecodeError: missing, unreadable or corrupt file, or a box outside the image.
+        ImageDecodeError: missing, unreadable or corrupt file, a box outside the image, or
+            (ImageTooLargeError) an image declaring more than `max_pixels` pixels.
     """
-    try:
-        image = Image.open(path)
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f"{path}: not an image ({err})") from None
+    image = _open(path, str(path), max_pixels)
     array = _to_rgb_array(image, str(path))
     if box is not None:
         x, y, w, h = box

@@ -1,4 +1,5 @@
-"""Evaluation: Market-1501 metrics, re-ranking, query expansion, PCA whitening, reports.
+"""Evaluation: Market-1501 metrics (from a distance matrix, or from features in query blocks),
+re-ranking, query expansion, PCA whitening, the variants table, pictures, reports.
 
 The numeric functions need only numpy/scipy/faiss; the pipeline (torch, timm) and the
 pictures (matplotlib) load on first use, so `from reid_platform.evaluation import
@@ -11,6 +12,9 @@ from reid_platform.evaluation.metrics import (
     EvaluationError,
     RankResult,
     compute_distmat,
+    distance_blocks,
+    evaluate_blocks,
+    evaluate_features,
     evaluate_rank,
 )
 from reid_platform.evaluation.postprocess import (
@@ -19,28 +23,42 @@ from reid_platform.evaluation.postprocess import (
     fit_pca_whitening,
     query_expansion,
 )
-from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
+from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_blocks, rerank_features
+from reid_platform.evaluation.variants import (
+    STEPS,
+    EvalOptions,
+    PostStep,
+    ensemble_distance,
+    plan_variants,
+)
 
 __all__ = [
+    "STEPS",
     "EvalLabels",
     "EvalOptions",
     "EvaluationError",
     "ModelEmbeddings",
     "PCAWhitening",
+    "PostStep",
     "RankResult",
     "compute_distmat",
     "count_valid_queries",
     "database_augmentation",
+    "distance_blocks",
     "ensemble_distance",
+    "evaluate_blocks",
+    "evaluate_features",
     "evaluate_rank",
     "evaluate_variants",
     "fit_pca_whitening",
     "k_reciprocal_rerank",
     "plan_variants",
+    "plot_activation_maps",
     "plot_cmc",
     "plot_embedding_scatter",
     "plot_ranked_lists",
     "query_expansion",
+    "rerank_blocks",
     "rerank_features",
     "run_evaluation",
 ]
@@ -49,19 +67,16 @@ _LAZY = {
     **dict.fromkeys(
         [
             "EvalLabels",
-            "EvalOptions",
             "ModelEmbeddings",
             "count_valid_queries",
-            "ensemble_distance",
             "evaluate_variants",
-            "plan_variants",
             "run_evaluation",
         ],
         "reid_platform.evaluation.pipeline",
     ),
     **dict.fromkeys(
-        ["plot_cmc", "plot_embedding_scatter", "plot_ranked_lists"],
-        "reid_platform.evaluation.report",
+        ["plot_activation_maps", "plot_cmc", "plot_embedding_scatter", "plot_ranked_lists"],
+        "reid_platform.evaluation.pictures",
     ),
 }
 

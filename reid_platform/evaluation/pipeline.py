@@ -1,34 +1,23 @@
-"""Evaluate checkpoints end to end: embed once, build the variants, score each, report.
+"""Evaluate checkpoints end to end: embed once, score every variant, draw, report.
 
-A *variant* is one way of turning embeddings into a query-gallery distance matrix:
-
-- `raw`: the distance of the model's embeddings (named by the checkpoint's folder when several
-  checkpoints are evaluated);
-- `+pca{D}`: PCA whitening to D dimensions, fitted on the gallery features (or on the
-  training split's, `EvalOptions.pca_fit="train"`), then L2 again;
-- `+dba{K}`: database-side augmentation of the gallery with its top-K gallery neighbours;
-- `+qe{K}`: query expansion with the query's top-K gallery neighbours;
-- `+rerank`: k-reciprocal re-ranking (k1, k2, lambda);
-- all the requested steps chained (PCA, DBA, QE, re-ranking, in that order) when there are two
-  or more;
-- `ensemble`: the weighted sum of the models' distance matrices (weights normalised to sum
-  1), then re-ranked on the summed query-query, gallery-gallery and query-gallery distances
-  (`ensemble+rerank`), and with every requested step applied to each model's features first
-  (`ensemble+pca..+rerank`). That dense re-ranking holds a few (N+M)^2 matrices: fine for
-  moderate test sets, not for Market-size ensembles on a small machine.
+The variants (raw, each post-processing step, the chain of them, ensembles) are planned from
+the step table of `variants.py`. Every variant is scored from consecutive blocks of query rows
+(`variant_blocks` -> `evaluate_blocks`): no (num_query, num_gallery) matrix is held at any
+gallery size, and only the rows the ranked-list picture draws are kept. `run_evaluation`
+says so when the matrix would have been large (`LARGE_MATRIX_BYTES`).
 
 Queries that cannot be scored (identity absent from the gallery, or only seen by the query's
 own camera) are skipped and counted in the report; no valid query at all is an
-`EvaluationError` that says which of the two it was.
+`EvaluationError` that says which of the two it was. MLflow logging lives in
+`reid_platform.tracking` (`log_evaluation`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,145 +29,39 @@ from reid_platform.checkpoint import load_model, read_checkpoint
 from reid_platform.config import Config, ConfigError
 from reid_platform.data.formats import ReidDataset, Sample
 from reid_platform.data.root import load_config_dataset, resolve_data_root
-from reid_platform.evaluation.embed import extract_features
+from reid_platform.evaluation.embed import activation_maps, extract_features
 from reid_platform.evaluation.metrics import (
+    DISTANCE_TILE,
     EvaluationError,
     RankResult,
-    compute_distmat,
-    evaluate_rank,
+    auto_block_size,
+    evaluate_blocks,
 )
-from reid_platform.evaluation.postprocess import (
-    database_augmentation,
-    fit_pca_whitening,
-    query_expansion,
+from reid_platform.evaluation.pictures import (
+    pick_queries,
+    plot_activation_maps,
+    plot_cmc,
+    plot_embedding_scatter,
+    plot_ranked_lists,
 )
-from reid_platform.evaluation.report import plot_cmc, plot_embedding_scatter, plot_ranked_lists
-from reid_platform.evaluation.rerank import k_reciprocal_rerank, rerank_features
+from reid_platform.evaluation.variants import (
+    DataSizes,
+    EvalOptions,
+    Steps,
+    normalised_weights,
+    plan_variants,
+    variant_blocks,
+)
 from reid_platform.runtime import amp_enabled, resolve_device
 
 METRIC_NAMES = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score")
-DISTANCES = ("cosine", "euclidean")
-PCA_FITS = ("gallery", "train")
 PCA_FIT_MAX_IMAGES = 20000  # training images embedded to fit PCA (an even spread of the split)
 REPORT_FILE = "report.json"
 PICTURES = {"cmc": "cmc.png", "ranked_lists": "ranked_lists.png", "embedding": "embedding.png"}
-
-
-# ---- what to evaluate ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Post-processing of one variant, applied in this order; 0 / False = off."""
-
-    pca_dim: int = 0
-    dba_k: int = 0
-    qe_k: int = 0
-    rerank: bool = False
-
-    @property
-    def suffix(self) -> str:
-        """The variant name suffix, e.g. `+pca16+qe2+rerank` ("" for none)."""
-        parts = [
-            f"+pca{self.pca_dim}" if self.pca_dim else "",
-            f"+dba{self.dba_k}" if self.dba_k else "",
-            f"+qe{self.qe_k}" if self.qe_k else "",
-            "+rerank" if self.rerank else "",
-        ]
-        return "".join(parts)
-
-    @property
-    def has_feature_steps(self) -> bool:
-        return bool(self.pca_dim or self.dba_k or self.qe_k)
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """What the user asked for: distance, post-processing and re-ranking parameters."""
-
-    distance: str = "cosine"
-    pca_dim: int = 0
-    qe_k: int = 0
-    dba_k: int = 0
-    rerank: bool = False
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-    pca_fit: str = "gallery"  # or "train": fit the whitening on the training split
-
-    @property
-    def requested(self) -> Steps:
-        return Steps(self.pca_dim, self.dba_k, self.qe_k, self.rerank)
-
-    def validate(
-        self, num_query: int, num_gallery: int, dim: int, num_fit: int | None = None
-    ) -> None:
-        """Check the options against the data; the message names the flag.
-
-        Raises:
-            EvaluationError: a value does not fit the data (e.g. --pca larger than the gallery).
-        """
-        if self.distance not in DISTANCES:
-            raise EvaluationError(f"--distance {self.distance!r}: choose one of {DISTANCES}")
-        if self.pca_fit not in PCA_FITS:
-            raise EvaluationError(f"--pca-fit {self.pca_fit!r}: choose one of {PCA_FITS}")
-        fit_count = num_gallery if num_fit is None else num_fit
-        if self.pca_dim < 0 or self.pca_dim > min(fit_count, dim):
-            raise EvaluationError(
-                f"--pca {self.pca_dim}: PCA is fitted on the {self.pca_fit} features, so DIM "
-                f"must be in [1, min({self.pca_fit} images={fit_count}, feature dim={dim})]"
-            )
-        if self.qe_k < 0 or self.qe_k > num_gallery:
-            raise EvaluationError(f"--qe {self.qe_k}: K must be in [1, {num_gallery}] (gallery)")
-        if self.dba_k < 0 or self.dba_k > num_gallery - 1:
-            raise EvaluationError(
-                f"--dba {self.dba_k}: K must be in [1, {num_gallery - 1}] (gallery size - 1)"
-            )
-        if self.k1 < 1 or self.k2 < 1 or not 0.0 <= self.lambda_value <= 1.0:
-            raise EvaluationError(
-                f"re-ranking needs k1 >= 1, k2 >= 1 and lambda in [0, 1], got k1={self.k1}, "
-                f"k2={self.k2}, lambda={self.lambda_value}"
-            )
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the report: which models (several = ensemble) and which steps."""
-
-    name: str
-    models: tuple[int, ...]  # indices into the list of ModelEmbeddings
-    steps: Steps
-
-
-def plan_variants(model_names: Sequence[str], options: EvalOptions) -> list[Variant]:
-    """The variants to evaluate, in table order: per model, then the ensemble.
-
-    Args:
-        model_names: one unique name per model; a single model is called `raw`.
-        options: the requested post-processing.
-    """
-    req = options.requested
-    singles = [
-        Steps(pca_dim=req.pca_dim),
-        Steps(dba_k=req.dba_k),
-        Steps(qe_k=req.qe_k),
-        Steps(rerank=req.rerank),
-    ]
-    singles = [s for s in singles if s != Steps()]
-    per_model = _unique([Steps(), *singles, *([req] if len(singles) > 1 else [])])
-    variants = []
-    for index, name in enumerate(model_names):
-        base = "raw" if len(model_names) == 1 else name
-        variants += [Variant(base + s.suffix, (index,), s) for s in per_model]
-    if len(model_names) > 1:
-        everything = tuple(range(len(model_names)))
-        chains = [Steps(), Steps(rerank=req.rerank), req]
-        variants += [Variant("ensemble" + s.suffix, everything, s) for s in _unique(chains)]
-    return variants
-
-
-def _unique(steps: Sequence[Steps]) -> list[Steps]:
-    return list(dict.fromkeys(steps))
+ACTIVATION_MAPS_FILE = "activation_maps.png"
+RANKED_LIST_QUERIES = 8
+# A full distance matrix above this size is worth saying that it is not built.
+LARGE_MATRIX_BYTES = 2**30
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -303,103 +186,12 @@ def _check_shapes(models: Sequence[ModelEmbeddings], labels: EvalLabels) -> None
             )
 
 
-# ---- distances ----------------------------------------------------------------------------
-
-
-def ensemble_distance(
-    distmats: Sequence[np.ndarray], weights: Sequence[float] | None = None
-) -> np.ndarray:
-    """Weighted sum of distance matrices of several models, weights normalised to sum 1.
-
-    Normalised weights keep the result on the scale of one model: the ensemble of a model with
-    itself is that model's matrix exactly.
-
-    Args:
-        distmats: K matrices of one shape, e.g. (num_query, num_gallery), smaller is closer.
-        weights: K non-negative weights (None = equal).
-
-    Returns:
-        float32 matrix of the same shape.
-
-    Raises:
-        EvaluationError: no matrices, shapes that differ (both named), or bad weights.
-    """
-    if not distmats:
-        raise EvaluationError("ensemble_distance needs at least one distance matrix")
-    weights = [1.0] * len(distmats) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(distmats):
-        raise EvaluationError(f"{len(weights)} weights for {len(distmats)} distance matrices")
-    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise EvaluationError(f"weights must be finite, >= 0 and not all 0, got {weights}")
-    shape = np.shape(distmats[0])
-    for n, distmat in enumerate(distmats[1:], start=1):
-        if np.shape(distmat) != shape:
-            raise EvaluationError(
-                f"cannot sum distance matrices of shapes {shape} (model 0) and "
-                f"{np.shape(distmat)} (model {n}): every model must embed the same images"
-            )
-    total = sum(weights)
-    out = np.zeros(shape, dtype=np.float32)
-    for distmat, weight in zip(distmats, weights):
-        out += np.float32(weight / total) * np.asarray(distmat, dtype=np.float32)
-    return out
-
-
-def postprocess_features(
-    query: np.ndarray, gallery: np.ndarray, steps: Steps, pca_fit: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply PCA whitening, DBA and QE, in that order.
-
-    Args:
-        query: (N, D) L2-normalised features.
-        gallery: (M, D) L2-normalised features.
-        pca_fit: (T, D) features to fit the PCA whitening on; None = the gallery.
-
-    Returns:
-        (query, gallery) as (N, D') and (M, D') float32, L2-normalised (D' = pca_dim or D).
-    """
-    if steps.pca_dim:
-        pca = fit_pca_whitening(gallery if pca_fit is None else pca_fit, steps.pca_dim)
-        query, gallery = pca.transform(query), pca.transform(gallery)
-    if steps.dba_k:
-        gallery = database_augmentation(gallery, steps.dba_k)
-    if steps.qe_k:
-        # QE looks up neighbours in the (augmented) gallery, as in the usual DBA + QE recipe.
-        query = query_expansion(query, gallery, steps.qe_k)
-    return query, gallery
-
-
-def variant_distance(
-    variant: Variant, models: Sequence[ModelEmbeddings], options: EvalOptions
-) -> np.ndarray:
-    """The (num_query, num_gallery) float32 distance matrix of one variant, smaller is closer.
-
-    A single model is re-ranked from its features (`rerank_features`, no (N+M)^2 matrix); an
-    ensemble is re-ranked on its summed q-q, g-g and q-g distances (`k_reciprocal_rerank`).
-    """
-    steps, metric = variant.steps, options.distance
-    rerank = {"k1": options.k1, "k2": options.k2, "lambda_value": options.lambda_value}
-    feats = [
-        postprocess_features(models[i].query, models[i].gallery, steps, models[i].pca_fit)
-        for i in variant.models
-    ]
-    if len(feats) == 1 and steps.rerank:
-        return rerank_features(*feats[0], metric=metric, **rerank)
-    weights = [models[i].weight for i in variant.models]
-    q_g = ensemble_distance([compute_distmat(q, g, metric) for q, g in feats], weights)
-    if not steps.rerank:
-        return q_g
-    q_q = ensemble_distance([compute_distmat(q, q, metric) for q, _ in feats], weights)
-    g_g = ensemble_distance([compute_distmat(g, g, metric) for _, g in feats], weights)
-    return k_reciprocal_rerank(q_g, q_q, g_g, **rerank)
-
-
 # ---- evaluation ---------------------------------------------------------------------------
 
 
 @dataclass
 class VariantResult:
-    """Metrics of one variant and the time its distance matrix and ranking took."""
+    """Metrics of one variant and the time its distances and ranking took."""
 
     name: str
     result: RankResult
@@ -411,25 +203,31 @@ class VariantResult:
 
 @dataclass
 class Evaluation:
-    """Every variant's result, plus the best variant's distance matrix for the pictures."""
+    """Every variant's result, and the rows of the best variant the ranked lists draw."""
 
     results: list[VariantResult]
     queries: QueryStats
     best: str
-    best_distmat: np.ndarray  # (num_query, num_gallery)
+    best_steps: Steps
+    picture_queries: np.ndarray  # (R,) query rows kept for the ranked lists
+    best_rows: np.ndarray  # (R, num_gallery) the best variant's distances of those queries
 
 
 def evaluate_variants(
-    models: Sequence[ModelEmbeddings], labels: EvalLabels, options: EvalOptions
+    models: Sequence[ModelEmbeddings],
+    labels: EvalLabels,
+    options: EvalOptions,
+    picture_queries: Sequence[int] = (),
+    block_size: int | None = None,
 ) -> Evaluation:
-    """Evaluate every planned variant under the Market-1501 protocol.
-
-    Only the current and the best distance matrices are held at once.
+    """Score every planned variant under the Market-1501 protocol, block by block.
 
     Args:
         models: embeddings of one or more models, rows aligned with `labels`.
         labels: query and gallery pids and camids.
         options: distance and post-processing.
+        picture_queries: query rows whose distances are kept (best variant) for the pictures.
+        block_size: query rows per block (None: ~64 MiB blocks).
 
     Raises:
         EvaluationError: mismatched shapes (both named), options that do not fit the data, or
@@ -439,28 +237,51 @@ def evaluate_variants(
         raise EvaluationError("no model to evaluate")
     _check_shapes(models, labels)
     stats = count_valid_queries(labels)
-    dim = min(m.query.shape[1] for m in models)
     fits = [len(m.pca_fit) for m in models if m.pca_fit is not None]
-    options.validate(len(labels.q_pids), len(labels.g_pids), dim, min(fits) if fits else None)
+    sizes = DataSizes(
+        num_query=len(labels.q_pids),
+        num_gallery=len(labels.g_pids),
+        dim=min(m.query.shape[1] for m in models),
+        num_fit=min(fits) if fits else None,
+        num_models=len(models),
+    )
+    options.validate(sizes)
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise EvaluationError(f"model names must be unique, got {names}")
-    weights = [m.weight for m in models]
-    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise EvaluationError(f"ensemble weights must be finite, >= 0 and not all 0: {weights}")
+    try:
+        normalised_weights([m.weight for m in models])
+    except EvaluationError:
+        raise EvaluationError(
+            f"ensemble weights must be finite, >= 0 and not all 0: {[m.weight for m in models]}"
+        ) from None
+    rows = np.asarray(picture_queries, dtype=np.int64)
+    label_args = (labels.q_pids, labels.g_pids, labels.q_camids, labels.g_camids)
     results: list[VariantResult] = []
-    best, best_score, best_distmat = "", -np.inf, np.empty((0, 0), dtype=np.float32)
+    best, best_score, best_steps = "", -np.inf, Steps()
+    best_rows = np.empty((0, len(labels.g_pids)), dtype=np.float32)
     for variant in plan_variants(names, options):
         start = time.perf_counter()
-        distmat = variant_distance(variant, models, options)
-        result = evaluate_rank(
-            distmat, labels.q_pids, labels.g_pids, labels.q_camids, labels.g_camids
-        )
+        kept: dict[int, np.ndarray] = {}
+        blocks = _keeping_rows(variant_blocks(variant, models, options, block_size), rows, kept)
+        result = evaluate_blocks(blocks, *label_args)
         results.append(VariantResult(variant.name, result, time.perf_counter() - start))
         score = result.as_metrics()["score"]
         if score > best_score:
-            best, best_score, best_distmat = variant.name, score, distmat
-    return Evaluation(results, stats, best, best_distmat)
+            best, best_score, best_steps = variant.name, score, variant.steps
+            best_rows = np.stack([kept[r] for r in rows.tolist()]) if len(rows) else best_rows
+    return Evaluation(results, stats, best, best_steps, rows, best_rows)
+
+
+def _keeping_rows(
+    blocks: Iterator[tuple[int, np.ndarray]], rows: np.ndarray, kept: dict[int, np.ndarray]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass the blocks on, copying the given query rows into `kept` on the way."""
+    for start, block in blocks:
+        for row in rows[(rows >= start) & (rows < start + len(block))].tolist():
+            kept[row] = block[row - start].copy()
+        yield start, block
+        del block
 
 
 def format_table(results: Sequence[VariantResult]) -> str:
@@ -471,6 +292,19 @@ def format_table(results: Sequence[VariantResult]) -> str:
         metrics = r.metrics()
         lines.append(f"{r.name:<{width}}" + "".join(f"{metrics[m]:>8.4f}" for m in METRIC_NAMES))
     return "\n".join(lines)
+
+
+def blocked_note(num_query: int, num_gallery: int) -> str:
+    """What the console says when the full distance matrix would be large ("" when not)."""
+    full_bytes = num_query * num_gallery * 4
+    if full_bytes <= LARGE_MATRIX_BYTES:
+        return ""
+    rows = min(-(-auto_block_size(num_gallery) // DISTANCE_TILE) * DISTANCE_TILE, num_query)
+    return (
+        f"large gallery: {num_query} x {num_gallery} distances would take "
+        f"{full_bytes / 2**30:.1f} GiB as one matrix; every variant is computed and scored in "
+        f"blocks of {rows} queries (re-ranking too), so no such matrix is held"
+    )
 
 
 # ---- checkpoints and data -----------------------------------------------------------------
@@ -621,7 +455,7 @@ def _common_indices(indices: Sequence[np.ndarray]) -> np.ndarray:
     return common
 
 
-# ---- report -------------------------------------------------------------------------------
+# ---- pictures -----------------------------------------------------------------------------
 
 
 def write_pictures(
@@ -629,6 +463,7 @@ def write_pictures(
     evaluation: Evaluation,
     models: Sequence[ModelEmbeddings],
     labels: EvalLabels,
+    options: EvalOptions,
     scatter: str = "tsne",
 ) -> dict[str, str]:
     """CMC curves of every variant, ranked lists of the best variant, embedding scatter.
@@ -637,44 +472,102 @@ def write_pictures(
         picture kind -> file name inside out_dir.
     """
     plot_cmc({r.name: r.result.cmc for r in evaluation.results}, out_dir / PICTURES["cmc"])
+    rows = evaluation.picture_queries.tolist()
+    # Without a distance step, cosine distances are 1 - the similarity the service returns.
+    similarity = options.distance == "cosine" and evaluation.best_steps.distance_step is None
+    value_name = "" if similarity else f"{options.distance} distance"
+    if evaluation.best_steps.distance_step is not None:
+        value_name = "re-ranked distance"
     plot_ranked_lists(
-        labels.query_paths,
+        [labels.query_paths[r] for r in rows],
         labels.gallery_paths,
-        evaluation.best_distmat,
-        labels.q_pids,
+        evaluation.best_rows,
+        labels.q_pids[rows],
         labels.g_pids,
-        labels.q_camids,
+        labels.q_camids[rows],
         labels.g_camids,
         out_dir / PICTURES["ranked_lists"],
-        query_boxes=labels.query_boxes,
+        num_queries=len(rows),
+        query_boxes=[labels.query_boxes[r] for r in rows] if labels.query_boxes else None,
         gallery_boxes=labels.gallery_boxes,
         title=f"ranked lists: {evaluation.best}",
+        similarity=similarity,
+        value_name=value_name,
+        query_ids=rows,
     )
     # The identities that are queried: drops distractors (pid 0) and junk (pid -1).
     first = models[0]
     feats = np.concatenate([first.query, first.gallery])  # (N+M, D)
     pids = np.concatenate([labels.q_pids, labels.g_pids])
     keep = np.isin(pids, labels.q_pids)
+    title = "query + gallery embeddings" + (f" of {first.name}" if len(models) > 1 else "")
     plot_embedding_scatter(
-        feats[keep],
-        pids[keep],
-        out_dir / PICTURES["embedding"],
-        method=scatter,
-        title=f"{first.name}: query + gallery embeddings",
+        feats[keep], pids[keep], out_dir / PICTURES["embedding"], method=scatter, title=title
     )
     return dict(PICTURES)
+
+
+def check_activation_maps(count: int, num_query: int) -> None:
+    """Raises EvaluationError naming --activation-maps when count does not fit the queries."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not (
+        0 <= count <= num_query
+    ):
+        raise EvaluationError(
+            f"--activation-maps {count!r}: N must be an integer in [0, {num_query}] (the number "
+            "of queries; 0 = none)"
+        )
+
+
+def draw_activation_maps(
+    checkpoint: CheckpointInput,
+    labels: EvalLabels,
+    count: int,
+    path: Path,
+    device: str = "auto",
+) -> Path:
+    """Activation maps of `count` evenly spaced queries under the checkpoint's model.
+
+    Raises:
+        EvaluationError: count out of range, or a backbone without a feature map to read.
+    """
+    check_activation_maps(count, len(labels.q_pids))
+    rows = pick_queries(len(labels.q_pids), count).tolist()
+    boxes = labels.query_boxes or [None] * len(labels.q_pids)
+    samples = [
+        Sample(labels.query_paths[r], int(labels.q_pids[r]), int(labels.q_camids[r]), "query",
+               boxes[r])
+        for r in rows
+    ]  # fmt: skip
+    torch_device = resolve_device(device)
+    model, _ = load_model(checkpoint.path, torch_device)
+    data = checkpoint.config.data
+    images, maps = activation_maps(model, samples, data.height, data.width, torch_device)
+    del model
+    captions = [f"q{r} id{labels.q_pids[r]} c{labels.q_camids[r]}" for r in rows]
+    name = Path(checkpoint.path).expanduser()
+    name = (name if name.is_dir() else name.parent).name
+    return plot_activation_maps(
+        images, maps, path, captions,
+        title=f"activation maps of {checkpoint.config.model.backbone} ({name})",
+    )  # fmt: skip
+
+
+# ---- report -------------------------------------------------------------------------------
 
 
 def build_report(
     evaluation: Evaluation,
     models: Sequence[ModelEmbeddings],
     labels: EvalLabels,
-    options: EvalOptions,
+    options: Any,
     dataset: dict[str, Any] | None = None,
     skipped_images: Sequence[str] = (),
     pictures: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-serialisable report: settings, query counts and every variant's metrics."""
+    """The JSON-serialisable report: settings, query counts and every variant's metrics.
+
+    `options` (EvalOptions) are reported by field name, e.g. pca_dim, pca_fit, k1, lambda_value.
+    """
     total_weight = sum(m.weight for m in models)
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -690,17 +583,7 @@ def build_report(
             for m in models
         ],
         "dataset": dict(dataset or {}),
-        "options": {
-            "distance": options.distance,
-            "pca_dim": options.pca_dim,
-            "pca_fitted_on": options.pca_fit,
-            "qe_k": options.qe_k,
-            "dba_k": options.dba_k,
-            "rerank": options.rerank,
-            "k1": options.k1,
-            "k2": options.k2,
-            "lambda": options.lambda_value,
-        },
+        "options": options.as_dict(),
         "num_query": len(labels.q_pids),
         "num_gallery": len(labels.g_pids),
         "queries": evaluation.queries.as_dict(),
@@ -738,101 +621,6 @@ def default_output_dir(workspace: Path) -> Path:
     return path
 
 
-# ---- MLflow -------------------------------------------------------------------------------
-
-_MLFLOW_UNSAFE = re.compile(r"[^\w\-. :/]")
-
-
-def mlflow_metric_name(variant: str, metric: str) -> str:
-    """`eval/<variant>/<metric>`, characters MLflow rejects (e.g. `+`) replaced by `_`."""
-    return f"eval/{_MLFLOW_UNSAFE.sub('_', variant.replace('/', '_'))}/{metric}"
-
-
-def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The MLflow metrics of a report: every variant's metrics and the query counts."""
-    metrics = {
-        mlflow_metric_name(name, key): values[key]
-        for name, values in report["variants"].items()
-        for key in METRIC_NAMES
-    }
-    queries = report["queries"]
-    metrics["eval/valid_queries"] = queries["valid"]
-    metrics["eval/skipped_queries"] = queries["skipped"]
-    metrics["eval/skipped_queries_absent_from_gallery"] = queries["skipped_absent_from_gallery"]
-    metrics["eval/skipped_queries_same_camera_only"] = queries["skipped_same_camera_only"]
-    metrics["eval/skipped_images"] = len(report["skipped_images"])
-    return metrics
-
-
-def check_mlflow_run(config: Config, run_id: str) -> str:
-    """The tracking URI in which `run_id` exists.
-
-    Raises:
-        EvaluationError: no such run there.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from reid_platform.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(config)
-    try:
-        MlflowClient(uri).get_run(run_id)
-    except MlflowException as err:
-        raise EvaluationError(f"--run-id {run_id}: no such MLflow run at {uri} ({err})") from None
-    return uri
-
-
-def log_to_mlflow(
-    report: dict[str, Any], out_dir: Path, config: Config, run_id: str | None = None
-) -> tuple[str, str]:
-    """Log the metrics and `out_dir` (artifacts under `evaluation/`) to MLflow.
-
-    The run is recorded in the report (`report["mlflow"]`) and report.json rewritten first.
-
-    Args:
-        report: from `build_report`.
-        out_dir: holds report.json and the pictures.
-        config: names the experiment and the tracking URI.
-        run_id: an existing (e.g. training) run to log into; None creates a new run.
-
-    Returns:
-        (tracking URI, run id).
-    """
-    from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
-
-    uri = resolve_tracking_uri(config)
-    tags = {
-        "eval.checkpoints": ", ".join(c["path"] for c in report["checkpoints"]),
-        "eval.best_variant": report["best_variant"],
-        "eval.output_dir": str(out_dir),
-        **{f"eval.{k}": str(v) for k, v in report["options"].items()},
-    }
-    created = run_id is None
-    if created:
-        run_id = start_run(
-            config,
-            uri,
-            run_name=f"eval-{out_dir.name}",
-            tags={"job": "evaluate", "dataset": report["dataset"].get("name", "")},
-        )
-    logger = RunLogger(uri, run_id)
-    try:
-        report["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
-        write_report(report, out_dir)
-        logger.set_tags(tags)
-        step = report["checkpoints"][0].get("epoch") or 0
-        logger.log_metrics(report_metrics(report), step=int(step))
-        logger.log_artifact(out_dir, "evaluation")
-    except Exception:
-        if created:
-            logger.end("FAILED")
-        raise
-    if created:
-        logger.end()
-    return uri, run_id
-
-
 # ---- the whole job ------------------------------------------------------------------------
 
 
@@ -854,6 +642,8 @@ def run_evaluation(
     max_query: int = 0,
     max_gallery: int = 0,
     progress: bool = True,
+    activation_map_count: int = 0,
+    say: Callable[[str], None] | None = None,
 ) -> EvaluationOutcome:
     """Embed, evaluate every variant, draw the pictures and write `out_dir/report.json`.
 
@@ -865,12 +655,16 @@ def run_evaluation(
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1"...
         scatter: "tsne" or "pca" for the embedding picture.
         max_query, max_gallery: if > 0, evaluate a subset (smoke tests).
+        activation_map_count: draw activation maps of this many queries (first checkpoint).
+        say: prints what the user should know on the way (e.g. that a large gallery is
+            scored in blocks); None = quiet.
 
     Raises:
         EvaluationError, DatasetError, CheckpointError: input that cannot be evaluated.
     """
     if not checkpoints:
         raise EvaluationError("give at least one --checkpoint")
+    options.check_values()  # before the slow part; the data-dependent checks follow
     config = checkpoints[0].config
     dataset = load_eval_dataset(config)
     if max_query > 0 or max_gallery > 0:
@@ -879,6 +673,7 @@ def run_evaluation(
         )
     # Fail before the slow part when the labels alone leave nothing to evaluate.
     count_valid_queries(EvalLabels.from_samples(dataset.query, dataset.gallery))
+    check_activation_maps(activation_map_count, len(dataset.query))
     fit_samples = None
     if options.pca_dim and options.pca_fit == "train":
         if not dataset.train:
@@ -888,9 +683,18 @@ def run_evaluation(
     models, labels, skipped = embed_checkpoints(
         checkpoints, dataset.query, dataset.gallery, device, progress, fit_samples
     )
-    evaluation = evaluate_variants(models, labels, options)
+    note = blocked_note(len(labels.q_pids), len(labels.g_pids))
+    if note and say:
+        say(note)
+    picture_queries = pick_queries(len(labels.q_pids), RANKED_LIST_QUERIES)
+    evaluation = evaluate_variants(models, labels, options, picture_queries)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pictures = write_pictures(out_dir, evaluation, models, labels, scatter)
+    pictures = write_pictures(out_dir, evaluation, models, labels, options, scatter)
+    if activation_map_count:
+        draw_activation_maps(
+            checkpoints[0], labels, activation_map_count, out_dir / ACTIVATION_MAPS_FILE, device
+        )
+        pictures["activation_maps"] = ACTIVATION_MAPS_FILE
     dataset_info = {
         "name": dataset.name,
         "root": str(dataset.root),

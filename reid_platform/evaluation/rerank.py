@@ -11,6 +11,8 @@ Two entry points compute the same re-ranked distance:
   from a chunked float32 scan (or FAISS) and are re-ordered in float64, the k-reciprocal
   encodings are sparse, and only the (num_query, num_gallery) output is dense. Market-1501
   (3368 x 15913) takes about 0.4 GB above its features.
+* `rerank_blocks` is `rerank_features` handed out in blocks of query rows, so not even the
+  output is held: what MSMT17 (11,659 x 82,161) needs to be re-ranked and scored.
 
 The reference algorithm, with P = N+M points (queries first, then gallery):
 
@@ -34,10 +36,12 @@ Euclidean distances, and `metric="cosine"` equals it fed 1 - q.g of L2-normalise
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["k_reciprocal_rerank", "rerank_features"]
+__all__ = ["k_reciprocal_rerank", "rerank_blocks", "rerank_features"]
 
 _METRICS = ("cosine", "euclidean")
 _BACKENDS = ("auto", "numpy", "faiss")
@@ -46,6 +50,10 @@ _BACKENDS = ("auto", "numpy", "faiss")
 _JACCARD_TRIPLES_PER_CHUNK = 4_000_000
 # Neighbours fetched beyond the needed k from the float32 scan, then re-ordered in float64.
 _EXTRA_CANDIDATES = 8
+# One point in this many bounds the k-th nearest distance in the scan.
+_SAMPLE_STEP = 8
+# Bytes of one (query rows, num_gallery) float32 block of the output handed out at a time.
+_OUTPUT_BLOCK_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +291,10 @@ def _scan_neighbours_numpy(
     """One chunked float32 pass over the (P, P) distances: k nearest candidates (unordered) and
     the largest distance of every row.
 
+    The k nearest of a row are found without a partition of the whole row: the k-th smallest
+    distance to an evenly spaced sample of the points bounds the row's k-th smallest from above,
+    so the items at or below it (about k * _SAMPLE_STEP per row) hold the k nearest.
+
     Returns:
         candidates: (P, k) int64; row_max: (P,) float32 largest squared distance from each
             point to any point.
@@ -290,15 +302,44 @@ def _scan_neighbours_numpy(
     num_points = len(points)
     candidates = np.empty((num_points, k), dtype=np.int64)
     row_max = np.empty(num_points, dtype=np.float32)
+    sample = np.arange(0, num_points, _SAMPLE_STEP)
+    use_sample = len(sample) >= 4 * k  # else a plain partition of the row is as cheap
     for start in range(0, num_points, chunk_size):
         stop = min(start + chunk_size, num_points)
         block = _squared_dist_block(points[start:stop], points, sq_norms, metric)  # (c, P)
         row_max[start:stop] = block.max(axis=1)
-        if k < num_points:
+        if k >= num_points:
+            candidates[start:stop] = np.arange(num_points)
+        elif not use_sample:
             candidates[start:stop] = np.argpartition(block, k - 1, axis=1)[:, :k]
         else:
-            candidates[start:stop] = np.arange(num_points)
+            bound = np.partition(block[:, sample], k - 1, axis=1)[:, k - 1]  # (c,)
+            candidates[start:stop] = _k_smallest_below(block, bound, k)
+        del block
     return candidates, row_max
+
+
+def _k_smallest_below(block: np.ndarray, bound: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the k smallest entries of each row, given a bound with >= k entries below.
+
+    Args:
+        block: (c, P) float32.
+        bound: (c,) with at least k entries of row i <= bound[i].
+
+    Returns:
+        (c, k) int64 column indices, unordered.
+    """
+    rows, cols = np.nonzero(block <= bound[:, None])  # row-major: grouped by row
+    per_row = np.bincount(rows, minlength=len(block))
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    values = np.full((len(block), per_row.max()), np.inf, dtype=np.float32)  # (c, width)
+    values[rows, slot] = block[rows, cols]
+    columns = np.zeros(values.shape, dtype=np.int64)
+    columns[rows, slot] = cols
+    if values.shape[1] > k:
+        pick = np.argpartition(values, k - 1, axis=1)[:, :k]
+        columns = np.take_along_axis(columns, pick, axis=1)
+    return columns[:, :k]
 
 
 def _exact_nearest(points: np.ndarray, candidates: np.ndarray, k: int, metric: str) -> np.ndarray:
@@ -428,7 +469,8 @@ def rerank_features(
     Gives the result of `k_reciprocal_rerank` fed with the dense distances of the same features
     (1 - q.g of L2-normalised features for "cosine", plain Euclidean for "euclidean"), to
     float32 rounding and up to the order of exactly tied neighbours. Memory is
-    O((N+M) * (chunk_size + k1^2 * k2) + N * M): Market-1501 (3368 x 15913) needs a few hundred MB.
+    O((N+M) * (chunk_size + k1^2 * k2) + N * M): Market-1501 (3368 x 15913) needs a few hundred
+    MB. `rerank_blocks` hands out the same result in blocks of query rows, without the N * M.
 
     Args:
         query_feats: (num_query, dim) float query features.
@@ -439,7 +481,7 @@ def rerank_features(
         metric: "cosine" (distance 1 - q.g; rows not already of unit length are
             L2-normalised first) or "euclidean".
         chunk_size: rows of the (N+M, N+M) distance matrix computed at once; memory per chunk
-            is about 16 * chunk_size * (N+M) bytes.
+            is about 6 * chunk_size * (N+M) bytes.
         backend: nearest-neighbour search. "numpy": one chunked BLAS pass that yields the
             neighbours and each row's largest distance together; "faiss": exact FAISS flat
             indexes (on the GPU when faiss has GPU support); "auto": faiss with a GPU, else numpy.
@@ -450,6 +492,45 @@ def rerank_features(
     Raises:
         ValueError: on feature shapes that do not fit together, non-finite features, or a
             parameter out of range.
+    """
+    blocks = rerank_blocks(
+        query_feats, gallery_feats, k1, k2, lambda_value, metric, chunk_size, backend
+    )
+    final_dist = np.empty((len(query_feats), len(gallery_feats)), dtype=np.float32)
+    for start, block in blocks:
+        final_dist[start : start + len(block)] = block
+    return final_dist
+
+
+def rerank_blocks(
+    query_feats: np.ndarray,
+    gallery_feats: np.ndarray,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    metric: str = "cosine",
+    chunk_size: int = 512,
+    backend: str = "auto",
+    block_bytes: int = _OUTPUT_BLOCK_BYTES,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`rerank_features` handed out in consecutive blocks of query rows.
+
+    The neighbour search and the sparse encodings (the slow part) run when this is called,
+    and the inputs are checked then; each block's Jaccard and original distances are computed
+    as it is drawn. Nothing of size N * M is held: at MSMT17 size (11,659 x 82,161) the whole
+    re-ranking stays around a gigabyte where the output alone would be 3.6 GiB.
+
+    Args:
+        query_feats, gallery_feats, k1, k2, lambda_value, metric, chunk_size, backend: as in
+            `rerank_features`.
+        block_bytes: size of one handed-out (rows, num_gallery) float32 block.
+
+    Returns:
+        An iterator of (start, (b, num_gallery) float32 re-ranked distances of queries
+        start .. start + b - 1), smaller is closer.
+
+    Raises:
+        ValueError: as `rerank_features`.
     """
     _check_rerank_params(k1, k2, lambda_value)
     if metric not in _METRICS:
@@ -522,17 +603,22 @@ def rerank_features(
     V_gallery_t = V[num_query:].T.tocsr()  # (P, M): the inverted index
 
     # Steps 6-7, one chunk of queries at a time.
-    final_dist = np.empty((num_query, num_gallery), dtype=np.float32)
     gallery = points[num_query:]
     gallery_sq = None if sq_norms is None else sq_norms[num_query:]
-    for start, stop in _jaccard_chunks(V_query, V_gallery_t, chunk_size):
-        # In place on (c, M) float32 blocks, the largest temporaries of this stage.
-        block = _min_sum_block(V_query[start:stop], V_gallery_t).astype(np.float32)
-        block /= 2.0 - block
-        np.subtract(1.0, block, out=block)  # Jaccard distance 1 - s / (2 - s)
-        block *= 1 - lambda_value
-        original = _squared_dist_block(points[start:stop], gallery, gallery_sq, metric)
-        original *= lambda_value / row_max[start:stop, None]
-        block += original
-        final_dist[start:stop] = block
-    return final_dist
+    max_rows = max(1, min(chunk_size, block_bytes // (4 * num_gallery)))
+
+    def blocks():
+        for start, stop in _jaccard_chunks(V_query, V_gallery_t, max_rows):
+            # In place on (c, M) float32 blocks, the largest temporaries of this stage.
+            block = _min_sum_block(V_query[start:stop], V_gallery_t).astype(np.float32)
+            block /= 2.0 - block
+            np.subtract(1.0, block, out=block)  # Jaccard distance 1 - s / (2 - s)
+            block *= 1 - lambda_value
+            original = _squared_dist_block(points[start:stop], gallery, gallery_sq, metric)
+            original *= lambda_value / row_max[start:stop, None]
+            block += original
+            del original
+            yield start, block
+            del block  # before the next one is computed
+
+    return blocks()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from reid_platform.checkpoint import checkpoint_file, load_model, read_checkpoint
 from reid_platform.data.dataset import ImageDecodeError, read_image
 from reid_platform.data.formats import (
+    FORMATS,
     IMAGE_SUFFIXES,
     DatasetError,
     Sample,
@@ -33,12 +34,14 @@ from reid_platform.data.formats import (
     load_folder,
 )
 from reid_platform.data.transforms import build_eval_transform
+from reid_platform.retrieval.embedders import TTA_MODES, embed_tensor
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
 from reid_platform.runtime import gpus_per_actor, resolve_device
 
-GALLERY_FORMATS = ("auto", "market1501", "csv", "folder")
+GALLERY_FORMATS = ("auto", *FORMATS)
 # Manifest fields that must match for a re-run to add into an existing index.
 _REBUILD_KEYS = ("index_type", "num_shards", "metric", "dim")
+DEFAULT_BATCH_SIZE = 64  # images per forward pass (jobs/build_index.py --batch-size)
 _ADD_CHUNK = 4096  # vectors per ShardedIndex.add call (one SQLite transaction per shard)
 _TRAIN_SAMPLE = 65_536  # vectors buffered to train IVF/PQ types (>= 39 * 1024 lists of IVF1024)
 
@@ -57,23 +60,14 @@ class EmbeddedBatch:
     skipped: list[str] = field(default_factory=list)  # "<path>: <why>" per corrupt image
 
 
-@dataclass
-class GalleryEmbeddings:
-    """A whole embedded gallery, sorted by id."""
-
-    ids: list[str]
-    vectors: np.ndarray  # (N, D) float32, L2-normalised
-    metadata: list[dict[str, Any]]
-    skipped: list[str]
-
-
 # ---- which images -------------------------------------------------------------------------
 
 
 def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], str]:
     """The gallery images of a dataset path.
 
-    A Market-1501 tree or CSV manifest gives its gallery split; a folder tree with
+    A benchmark tree (Market-1501, DukeMTMC, MSMT17, CUHK03, VeRi-776, VehicleID) or a CSV
+    manifest gives its gallery split; a folder tree with
     `train/ query/ gallery/` its gallery split; any other folder gives every image under it
     (a first-level subfolder names the identity: pid numbers them, `identity` keeps the name;
     loose images get pid -1). Camera -1 means unknown.
@@ -94,12 +88,12 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
         raise DatasetError(f"gallery format {fmt!r} is not known; choose one of {GALLERY_FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt in ("market1501", "csv"):
+    if fmt != "folder":
         samples = load_dataset(path, fmt).gallery
     elif (path / "train").is_dir() and (path / "gallery").is_dir():
         samples = load_folder(path).gallery
     else:
-        samples = _all_images(path)
+        samples = folder_images(path)
     seen: dict[str, str] = {}
     for sample in samples:
         if sample.item_id in seen:
@@ -111,7 +105,9 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
     return samples, fmt
 
 
-def _all_images(root: Path) -> list[Sample]:
+def folder_images(root: Path) -> list[Sample]:
+    """Every image under `root` (ids: relative paths; a first-level folder names the
+    identity: pid numbers them, meta `identity` keeps the name; loose images get pid -1)."""
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -173,20 +169,21 @@ def decode_batch(batch: dict[str, np.ndarray], height: int, width: int) -> dict[
 class GalleryEmbedder:
     """`map_batches` callable class (the actor pool): decoded images -> L2-normalised
     embeddings (B, D). One model per actor, on the actor's GPU when it was given one; rows
-    with a decode error get a zero vector."""
+    with a decode error get a zero vector. `flip`: flip test-time augmentation
+    (`embedders.embed_tensor`)."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, flip: bool = False):
         self.device = resolve_device("auto")
         self.model, _ = load_model(checkpoint, self.device)
         self.dim = self.model.embedding_dim
+        self.flip = flip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.dim), dtype=np.float32)
         if ok.any():
             images = torch.from_numpy(np.array(batch["image"][ok]))  # (B, 3, H, W), a copy
-            with torch.inference_mode():
-                vectors[ok] = self.model.embed(images.to(self.device)).float().cpu().numpy()
+            vectors[ok] = embed_tensor(self.model, images.to(self.device), self.flip)
         return {"item_id": batch["item_id"], "embedding": vectors, "error": batch["error"]}
 
 
@@ -206,10 +203,11 @@ def default_concurrency(num_gpus: float) -> int:
 def iter_gallery_embeddings(
     samples: Sequence[Sample],
     checkpoint: str | Path,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     concurrency: int | None = None,
     num_gpus: float | None = None,
     progress: bool = True,
+    flip: bool = False,
 ) -> Iterator[EmbeddedBatch]:
     """Embed `samples` with a Ray Data actor pool, yielding batches as they finish.
 
@@ -220,6 +218,7 @@ def iter_gallery_embeddings(
         concurrency: actors in the pool; None = `default_concurrency`.
         num_gpus: GPUs per actor; None = 1 when the Ray cluster has GPUs, else 0.
         progress: show a progress bar (images embedded).
+        flip: flip test-time augmentation (mean with the mirrored image's embedding).
 
     Yields:
         EmbeddedBatch per block, in sample order.
@@ -250,7 +249,7 @@ def iter_gallery_embeddings(
     )
     ds = ds.map_batches(
         GalleryEmbedder,
-        fn_constructor_kwargs={"checkpoint": str(checkpoint_file(checkpoint))},
+        fn_constructor_kwargs={"checkpoint": str(checkpoint_file(checkpoint)), "flip": flip},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
@@ -269,36 +268,6 @@ def iter_gallery_embeddings(
             )
 
 
-def embed_gallery(
-    samples: Sequence[Sample],
-    checkpoint: str | Path,
-    batch_size: int = 64,
-    concurrency: int | None = None,
-    num_gpus: float | None = None,
-    progress: bool = False,
-) -> GalleryEmbeddings:
-    """All of `iter_gallery_embeddings` in memory, sorted by id, with each item's metadata."""
-    by_id = {s.item_id: s for s in samples}
-    ids: list[str] = []
-    vectors: list[np.ndarray] = []
-    skipped: list[str] = []
-    for batch in iter_gallery_embeddings(
-        samples, checkpoint, batch_size, concurrency, num_gpus, progress
-    ):
-        ids.extend(batch.ids)
-        vectors.append(batch.vectors)
-        skipped.extend(batch.skipped)
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    dim = vectors[0].shape[1] if vectors else 0
-    stacked = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
-    return GalleryEmbeddings(
-        ids=[ids[i] for i in order],
-        vectors=stacked[order],
-        metadata=[sample_metadata(by_id[ids[i]]) for i in order],
-        skipped=skipped,
-    )
-
-
 # ---- writing the index --------------------------------------------------------------------
 
 
@@ -309,10 +278,11 @@ def build_gallery_index(
     num_shards: int = 1,
     index_type: str = "Flat",
     fmt: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     concurrency: int | None = None,
     num_gpus: float | None = None,
     progress: bool = True,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Embed a gallery and write (or top up) a sharded index at `out`.
 
@@ -329,14 +299,18 @@ def build_gallery_index(
         index_type: "Flat" or a FAISS factory string ("IVF1024,PQ32", "HNSW32", ...).
         fmt: gallery format, or "auto".
         batch_size, concurrency, num_gpus, progress: see `iter_gallery_embeddings`.
+        tta: "none" or "flip" (each item's embedding averaged with its mirror image's);
+            recorded in the manifest, so the service and jobs/search.py embed queries alike.
 
     Returns:
-        Summary: out, count, counts per shard, skipped, dim, index_type, format.
+        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta.
 
     Raises:
         DatasetError: unusable gallery. IndexBuildError: an index type the data cannot train,
         or an existing index built with other settings. CheckpointError: bad checkpoint.
     """
+    if tta not in TTA_MODES:
+        raise IndexBuildError(f"--tta {tta!r}: choose one of {TTA_MODES}")
     out = Path(out).expanduser().resolve()
     ckpt = checkpoint_file(checkpoint).parent.resolve()
     model, config = load_model(ckpt)  # on the driver only for its dimension and settings
@@ -353,6 +327,7 @@ def build_gallery_index(
             "width": config.data.width,
         },
         "normalized": True,
+        "tta": tta,
     }
     index = _open_or_create(out, dim, num_shards, index_type, extra)
     by_id = {s.item_id: s for s in samples}
@@ -376,7 +351,7 @@ def build_gallery_index(
 
     try:
         for batch in iter_gallery_embeddings(
-            samples, ckpt, batch_size, concurrency, num_gpus, progress
+            samples, ckpt, batch_size, concurrency, num_gpus, progress, flip=tta == "flip"
         ):
             pending_ids.extend(batch.ids)
             pending.append(batch.vectors)
@@ -397,6 +372,7 @@ def build_gallery_index(
             "dim": dim,
             "index_type": index.index_type,
             "format": fmt,
+            "tta": tta,
         }
     finally:
         index.close()
@@ -431,6 +407,9 @@ def _open_or_create(
     old_ckpt = manifest.get("extra", {}).get("checkpoint")
     if old_ckpt != extra["checkpoint"]:
         differ.append(f"checkpoint {old_ckpt!r} (asked {extra['checkpoint']!r})")
+    old_tta = manifest.get("extra", {}).get("tta", "none")
+    if old_tta != extra["tta"]:
+        differ.append(f"tta {old_tta!r} (asked {extra['tta']!r})")
     if differ:
         raise IndexBuildError(
             f"{out} holds an index built with other settings: {'; '.join(differ)}. "

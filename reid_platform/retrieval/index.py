@@ -38,8 +38,20 @@ Training: IVF/PQ types are trained once, on a seeded sample of the first batch a
 GPU: when faiss-gpu sees a GPU, Flat/IVF shards search on a copy made by
 `faiss.index_cpu_to_all_gpus` (re-made lazily after writes); the CPU index stays the durable one.
 
-Concurrency: a `Shard` serialises its own calls with a lock (batch your queries). One process
-writes a shard; other processes reading it (Serve replicas) call `Shard.refresh()` to catch up.
+Concurrency: a `Shard` serialises its own calls with a lock (batch your queries). Any number of
+processes may open and write the same shard (Serve replicas, a `build_index` re-run, library
+users): every write is one SQLite `BEGIN IMMEDIATE` transaction, which is the cross-process
+write lock (a second writer waits, up to WRITE_LOCK_TIMEOUT_S, then gets ShardLockedError);
+holding it, the shard first catches up with the others' commits, then takes its labels from the
+db's `next_label`, so two writers never collide and a label is never reused, deletes included.
+Every read first checks `PRAGMA data_version` (microseconds) and re-reads the db when another
+connection committed, so each process sees the others' writes.
+
+Filters: `search(..., where={"camid": 3}, exclude={"pid": 7})` restricts a search to items whose
+metadata match (`check_filter`): the matching labels come from SQLite (JSON1) and go to FAISS as
+an IDSelector, so a Flat shard returns the exact top-k among matching items, never a post-filter
+with fewer than k hits when k items match. IVF and HNSW shards filter inside their approximate
+search (HNSW may then find fewer than k).
 
 Removal: indexes that support `remove_ids` (Flat, IVF*, PQ) drop the vectors. Those that do not
 (HNSW) keep them as *tombstones*: the label is gone from the db, search over-fetches by the
@@ -55,11 +67,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +94,9 @@ COMPACT_TOMBSTONE_FRACTION = 0.25
 GPU_MAX_K = 2048
 _NORM_TOLERANCE = 1e-3
 _SQL_CHUNK = 900  # below SQLite's bound-parameter limit on every build
+# A writer waits this long for another writer's transaction (they last milliseconds).
+WRITE_LOCK_TIMEOUT_S = 60.0
+SHARD_DIR_FORMAT = "shard_{}"
 
 # (scores (Q, k) float32 with -inf after the valid hits of each row, ids: Q lists of str)
 SearchResult = tuple[np.ndarray, list[list[str]]]
@@ -96,6 +113,47 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0])
+
+
+class ShardLockedError(RuntimeError):
+    """Another writer held a shard's write lock longer than WRITE_LOCK_TIMEOUT_S."""
+
+
+FilterValue = str | int | float | bool | None
+
+
+def check_filter(spec: Mapping[str, Any] | None, name: str = "where") -> dict[str, list[Any]]:
+    """A metadata filter as {key: [values]}: an item matches when, for every key, its metadata
+    value equals one of the values (JSON equality: 3 == 3.0, "3" != 3, true != 1).
+
+    Args:
+        spec: {key: value} or {key: [value, ...]} with str / int / float / bool / null values;
+            None or {} means no filter.
+        name: the argument's name, for errors ("where", "exclude").
+
+    Raises:
+        ValueError: naming the argument and the key whose value is not allowed.
+    """
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{name} must be an object of metadata key: value, got {spec!r}")
+    out: dict[str, list[Any]] = {}
+    for key, value in spec.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}: keys must be non-empty strings, got {key!r}")
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        if not values:
+            raise ValueError(f"{name}.{key}: an empty list matches nothing; give a value")
+        for v in values:
+            if not isinstance(v, FilterValue):
+                raise ValueError(
+                    f"{name}.{key}: values must be strings, numbers, booleans or null, got {v!r}"
+                )
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name}.{key}: {v!r} is not a finite number")
+        out[key] = values
+    return out
 
 
 def shard_of(item_id: str, num_shards: int) -> int:
@@ -166,32 +224,43 @@ def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class Shard:
-    """One shard: a FAISS index in memory over a SQLite db on disk. Thread-safe.
+    """One shard: a FAISS index in memory over a SQLite db on disk. Thread-safe, and safe with
+    several writer processes (see the module docstring, "Concurrency").
 
     Open with `open_shard(index_dir, shard_id)`; `ShardedIndex` holds one per shard.
     """
 
-    def __init__(self, shard_dir: Path, use_gpu: bool | None = None):
+    def __init__(
+        self, shard_dir: Path, use_gpu: bool | None = None, lock_timeout_s: float | None = None
+    ):
         self.shard_dir = shard_dir
         self._lock = threading.RLock()
-        self._db = _connect(shard_dir / DB_NAME)
-        settings = dict(self._db.execute("SELECT key, value FROM settings"))
-        self.shard_id = int(settings["shard_id"])
-        self.num_shards = int(settings["num_shards"])
-        self.dim = int(settings["dim"])
-        self.metric = str(settings["metric"])
-        self.index_type = str(settings["index_type"])
-        self._next_label = int(settings["next_label"])
-        self._template: bytes = settings["template"]  # serialised empty index, trained if needed
-        self._label_to_id: dict[int, str] = dict(
-            self._db.execute("SELECT label, item_id FROM items")
-        )
-        self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
+        self._lock_timeout_s = WRITE_LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+        self._db = _connect(shard_dir / DB_NAME, self._lock_timeout_s)
         self._search_params: dict[str, int] = {}
         self._use_gpu = _gpu_available() if use_gpu is None else use_gpu
         self._gpu_index: faiss.Index | None = None
+        self._filter_cache: dict[str, np.ndarray] = {}
         try:
-            self._index = self._load_snapshot()
+            # The version first: a commit between it and the read below only causes one more
+            # re-read later, never a missed one.
+            self._version = self._data_version()
+            self._db.execute("BEGIN")  # one consistent snapshot of settings, items and vectors
+            try:
+                settings = dict(self._db.execute("SELECT key, value FROM settings"))
+                self.shard_id = int(settings["shard_id"])
+                self.num_shards = int(settings["num_shards"])
+                self.dim = int(settings["dim"])
+                self.metric = str(settings["metric"])
+                self.index_type = str(settings["index_type"])
+                self._template: bytes = settings["template"]  # serialised empty index
+                self._label_to_id: dict[int, str] = dict(
+                    self._db.execute("SELECT label, item_id FROM items")
+                )
+                self._id_to_label = {i: label for label, i in self._label_to_id.items()}
+                self._index = self._load_snapshot()
+            finally:
+                self._db.execute("COMMIT")
         except Exception:
             self._db.close()
             raise
@@ -199,23 +268,31 @@ class Shard:
     # ---------------------------------------------------------------- properties
     @property
     def count(self) -> int:
-        """Number of live items in the shard."""
-        return len(self._label_to_id)
+        """Number of live items in the shard (including other writers' commits)."""
+        with self._lock:
+            self._catch_up()
+            return len(self._label_to_id)
 
     def __len__(self) -> int:
         return self.count
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._id_to_label
+        with self._lock:
+            self._catch_up()
+            return item_id in self._id_to_label
 
     @property
     def is_trained(self) -> bool:
-        return bool(self._index.is_trained)
+        with self._lock:
+            self._catch_up()
+            return bool(self._index.is_trained)
 
     @property
     def num_tombstones(self) -> int:
         """Removed vectors still inside an index without `remove_ids` (HNSW)."""
-        return int(self._index.ntotal) - self.count
+        with self._lock:
+            self._catch_up()
+            return self._tombstones()
 
     # ---------------------------------------------------------------- writes
     def add(
@@ -233,6 +310,10 @@ class Shard:
             ids: N unique string ids; all must belong to this shard (`shard_of`).
             vectors: (N, dim) float32, L2-normalised when the metric is "ip".
             metadata: N JSON-serialisable dicts (path, pid, camid, ...); None stores {}.
+
+        Raises:
+            ValueError: bad ids, vectors or metadata (nothing is written).
+            ShardLockedError: another writer held the shard's write lock too long.
         """
         ids, vectors, rows_meta = _check_items(ids, vectors, metadata, self.dim, self.metric)
         foreign = [i for i in ids if shard_of(i, self.num_shards) != self.shard_id]
@@ -244,13 +325,18 @@ class Shard:
         if not ids:
             return
         with self._lock:
-            if not self.is_trained:
-                self.install_template(train_template(self.index_type, self.metric, vectors))
-            replaced = [self._id_to_label[i] for i in ids if i in self._id_to_label]
-            labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
-            with self._db:  # one transaction: all of it is on disk, or none of it
+            with self._writing():  # all of it is on disk, or none of it
+                if not self._index.is_trained:
+                    template = train_template(self.index_type, self.metric, vectors)
+                    self._install_template(template)
+                # The next label comes from the db, under the write lock: unique across every
+                # writer and never reused, even after deletes.
+                first = int(self._get_setting("next_label"))
+                labels = np.arange(first, first + len(ids), dtype=np.int64)
+                replaced = [self._id_to_label[i] for i in ids if i in self._id_to_label]
                 self._db.executemany(
-                    "DELETE FROM items WHERE item_id = ?", [(i,) for i in ids if i in self]
+                    "DELETE FROM items WHERE item_id = ?",
+                    [(i,) for i in ids if i in self._id_to_label],
                 )
                 self._db.executemany(
                     "INSERT INTO items (label, item_id, vector, metadata) VALUES (?, ?, ?, ?)",
@@ -260,7 +346,7 @@ class Shard:
                     ],
                 )
                 self._set_setting("next_label", int(labels[-1]) + 1)
-            self._next_label = int(labels[-1]) + 1
+            # Committed: now the in-memory index (same thread lock, so readers see all or none).
             self._drop_labels(replaced)
             for label in replaced:
                 del self._label_to_id[label]
@@ -268,60 +354,56 @@ class Shard:
             for label, item_id in zip(labels.tolist(), ids):
                 self._label_to_id[label] = item_id
                 self._id_to_label[item_id] = label
-            self._gpu_index = None
+            self._changed()
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; durable before it returns.
 
         Raises:
             UnknownIdError: (a KeyError) if any id is not in the shard; nothing is removed then.
+            ShardLockedError: another writer held the shard's write lock too long.
 
         Returns:
             Number of items removed (duplicates in `ids` count once).
         """
         ids = list(dict.fromkeys(_check_ids(ids)))
         with self._lock:
-            unknown = [i for i in ids if i not in self]
-            if unknown:
-                raise UnknownIdError(unknown)
-            labels = [self._id_to_label[i] for i in ids]
-            with self._db:
+            with self._writing():
+                unknown = [i for i in ids if i not in self._id_to_label]
+                if unknown:
+                    raise UnknownIdError(unknown)
+                labels = [self._id_to_label[i] for i in ids]
                 self._db.executemany("DELETE FROM items WHERE label = ?", [(x,) for x in labels])
             self._drop_labels(labels)
             for label, item_id in zip(labels, ids):
                 del self._label_to_id[label]
                 del self._id_to_label[item_id]
-            self._gpu_index = None
+            self._changed()
             return len(ids)
 
     def install_template(self, template: bytes) -> None:
         """Use `template` (a serialised, trained, empty index from `train_template`) for an
         empty shard. `ShardedIndex.train` installs one template, trained once, in every shard."""
         with self._lock:
-            if self._index.ntotal > 0:
-                raise ValueError(f"shard {self.shard_id} holds vectors; cannot replace its index")
-            index = _deserialize(template)
-            if index.d != self.dim:
-                raise ValueError(f"template dim {index.d} != shard {self.shard_id} dim {self.dim}")
-            with self._db:
-                self._set_setting("template", template)
-            self._template = template
-            self._index = index
-            self._apply_search_params(self._index)
-            self._gpu_index = None
+            with self._writing():
+                self._install_template(template)
+            self._changed()
 
     def save(self) -> None:
         """Write the FAISS snapshot atomically (compacting tombstones first when they exceed
         COMPACT_TOMBSTONE_FRACTION of the index). Items are already durable without it; saving
         only makes the next open faster."""
         with self._lock:
-            if self.num_tombstones > COMPACT_TOMBSTONE_FRACTION * max(self._index.ntotal, 1):
-                self.compact()
+            self._catch_up()
+            if self._tombstones() > COMPACT_TOMBSTONE_FRACTION * max(self._index.ntotal, 1):
+                self._index = self._rebuild()
+                self._gpu_index = None
             _atomic_write_index(self._index, self.shard_dir / SNAPSHOT_NAME)
 
     def compact(self) -> None:
         """Rebuild the in-memory index from the db (drops tombstones)."""
         with self._lock:
+            self._catch_up()
             self._index = self._rebuild()
             self._gpu_index = None
 
@@ -330,38 +412,62 @@ class Shard:
         self._db.close()
 
     # ---------------------------------------------------------------- reads
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-k gallery items for each query.
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        where: Mapping[str, Any] | None = None,
+        exclude: Mapping[str, Any] | None = None,
+    ) -> SearchResult:
+        """Top-k gallery items for each query, optionally among items whose metadata match.
 
         Args:
             queries: (Q, dim) float32 embeddings (L2-normalised for metric "ip").
-            k: hits per query, >= 1. Fewer come back when the shard holds fewer items (or an
-                approximate index finds fewer); no -1 padding is returned.
+            k: hits per query, >= 1. Fewer come back when the shard holds fewer (matching)
+                items, or an approximate index finds fewer; no -1 padding is returned.
+            where: metadata equality filter, e.g. {"camid": 3} or {"camid": [1, 2]} (a list
+                is "any of"); an item must match every key. Flat shards return the exact
+                top-k among matching items.
+            exclude: drop items whose metadata match every key given, e.g. {"camid": 3}.
 
         Returns:
             scores (Q, k') float32, larger is better, rows sorted descending and -inf after each
             row's valid hits, k' = min(k, most hits of any row); ids: Q lists of item ids,
             row q holding its len(ids[q]) valid hits.
         """
-        queries = _as_matrix(queries, self.dim, "queries")
-        _check_k(k)
         with self._lock:
-            if self.count == 0:
-                return np.empty((len(queries), 0), np.float32), [[] for _ in queries]
-            # Tombstones can fill the top of a row, so fetch past them and filter.
-            fetch = min(k + self.num_tombstones, int(self._index.ntotal))
-            distances, labels = self._searcher(fetch).search(queries, fetch)  # (Q, fetch) each
-            scores = -distances if self.metric == "l2" else distances
-            rows_scores, rows_ids = [], []
-            for row_scores, row_labels in zip(scores, labels):
-                keep = [j for j, x in enumerate(row_labels.tolist()) if x in self._label_to_id][:k]
-                rows_scores.append(row_scores[keep])
-                rows_ids.append([self._label_to_id[int(row_labels[j])] for j in keep])
-        width = max((len(r) for r in rows_ids), default=0)
-        out = np.full((len(queries), width), -np.inf, dtype=np.float32)
-        for q, row in enumerate(rows_scores):
-            out[q, : len(row)] = row
-        return out, rows_ids
+            scores, labels = self._search_labels(queries, k, where, exclude)
+            return scores, [[self._label_to_id[x] for x in row] for row in labels]
+
+    def search_with_metadata(
+        self,
+        queries: np.ndarray,
+        k: int,
+        where: Mapping[str, Any] | None = None,
+        exclude: Mapping[str, Any] | None = None,
+    ) -> tuple[np.ndarray, list[list[str]], list[list[dict[str, Any]]]]:
+        """`search` plus each hit's metadata, read in the same call.
+
+        An item another writer removes between the search and the metadata read is searched
+        again after catching up (labels are never reused, so a label's row is always its own
+        item's).
+
+        Returns:
+            (scores (Q, k'), ids Q lists, metadata Q lists of dicts), as `search`.
+        """
+        with self._lock:
+            for attempt in range(3):
+                scores, labels = self._search_labels(queries, k, where, exclude)
+                found = self._rows_by_label([x for row in labels for x in row])
+                if all(x in found for row in labels for x in row) or attempt == 2:
+                    break
+        rows_scores, rows_ids, rows_meta = [], [], []
+        for row_scores, row in zip(scores, labels):
+            keep = [j for j, x in enumerate(row) if x in found]
+            rows_scores.append(row_scores[keep])
+            rows_ids.append([found[row[j]][0] for j in keep])
+            rows_meta.append([json.loads(found[row[j]][1]) for j in keep])
+        return _pad_scores(rows_scores, len(queries)), rows_ids, rows_meta
 
     def get_metadata(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """Metadata dicts of `ids`, in order. Raises UnknownIdError for ids not in the shard."""
@@ -386,7 +492,8 @@ class Shard:
         """Stored vectors of `ids`: (N, dim) float32. Raises UnknownIdError for unknown ids."""
         ids = _check_ids(ids)
         with self._lock:
-            unknown = [i for i in ids if i not in self]
+            self._catch_up()
+            unknown = [i for i in ids if i not in self._id_to_label]
             if unknown:
                 raise UnknownIdError(unknown)
             labels = [self._id_to_label[i] for i in ids]
@@ -420,37 +527,229 @@ class Shard:
 
     def stats(self) -> dict[str, Any]:
         """Counts and settings of this shard."""
-        return {
-            "shard_id": self.shard_id,
-            "count": self.count,
-            "ntotal": int(self._index.ntotal),
-            "tombstones": self.num_tombstones,
-            "is_trained": self.is_trained,
-            "search_params": dict(self._search_params),
-            "gpu": self._use_gpu,
-        }
+        with self._lock:
+            self._catch_up()
+            return {
+                "shard_id": self.shard_id,
+                "count": len(self._label_to_id),
+                "ntotal": int(self._index.ntotal),
+                "tombstones": self._tombstones(),
+                "is_trained": bool(self._index.is_trained),
+                "search_params": dict(self._search_params),
+                "gpu": self._use_gpu,
+            }
 
     def refresh(self) -> None:
-        """Catch up with writes made to the db by another process (e.g. another replica)."""
+        """Re-read the db now. Every read and write already catches up with other writers'
+        commits by itself (a cheap `PRAGMA data_version` check); this forces a full re-read."""
         with self._lock:
-            self._label_to_id = dict(self._db.execute("SELECT label, item_id FROM items"))
-            self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
-            settings = dict(self._db.execute("SELECT key, value FROM settings"))
-            self._next_label = int(settings["next_label"])
-            if settings["template"] != self._template and self._index.ntotal == 0:
-                self._template = settings["template"]
-                self._index = _deserialize(self._template)
-            self._reconcile(self._index)
-            self._apply_search_params(self._index)
-            self._gpu_index = None
+            self._version = -1
+            self._catch_up()
 
     # ---------------------------------------------------------------- internals
+    def _data_version(self) -> int:
+        # Changes whenever another connection (another process, another replica) commits;
+        # this connection's own commits leave it unchanged.
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _catch_up(self) -> None:
+        """Re-read the db when another connection committed since we last looked.
+        The caller holds `self._lock`, and no transaction is open."""
+        version = self._data_version()
+        if version == self._version:
+            return
+        self._db.execute("BEGIN")  # one snapshot for the item map and the vectors
+        try:
+            self._reload()
+        finally:
+            self._db.execute("COMMIT")
+        self._version = version
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction, serialised with every other writer of this shard, in any
+        process, by SQLite's write lock (BEGIN IMMEDIATE waits up to WRITE_LOCK_TIMEOUT_S).
+        Holding it, the shard first catches up with the others' commits, so upserts, removes
+        and new labels are decided on the current state. Commits on success; on an error
+        rolls back and marks the in-memory state for a full re-read."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            raise ShardLockedError(
+                f"{self.shard_dir / DB_NAME}: another writer held the write lock for more "
+                f"than {self._lock_timeout_s:g} s; retry the write"
+            ) from None
+        try:
+            version = self._data_version()
+            if version != self._version:
+                self._reload()
+                self._version = version
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._version = -1  # in-memory state may be half-changed: re-read next time
+            raise
+
+    def _reload(self) -> None:
+        """Bring the item map and the FAISS index up to the db (inside a transaction)."""
+        self._label_to_id = dict(self._db.execute("SELECT label, item_id FROM items"))
+        self._id_to_label = {item_id: label for label, item_id in self._label_to_id.items()}
+        template = self._get_setting("template")
+        if template != self._template and self._index.ntotal == 0:
+            self._template = template
+            self._index = _deserialize(template)
+        self._reconcile(self._index)
+        self._apply_search_params(self._index)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._gpu_index = None
+        self._filter_cache.clear()
+
+    def _tombstones(self) -> int:
+        return int(self._index.ntotal) - len(self._label_to_id)
+
+    def _install_template(self, template: bytes) -> None:
+        """Inside a write transaction: the trained empty index for an empty shard."""
+        if self._index.ntotal > 0:
+            raise ValueError(f"shard {self.shard_id} holds vectors; cannot replace its index")
+        index = _deserialize(template)
+        if index.d != self.dim:
+            raise ValueError(f"template dim {index.d} != shard {self.shard_id} dim {self.dim}")
+        self._set_setting("template", template)
+        self._template = template
+        self._index = index
+        self._apply_search_params(self._index)
+
+    def _get_setting(self, key: str) -> Any:
+        return self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
+
     def _set_setting(self, key: str, value: Any) -> None:
         self._db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
     def _drop_labels(self, labels: Sequence[int]) -> None:
         """Remove labels from the FAISS index, or leave them as tombstones if it cannot."""
         _remove_or_tombstone(self._index, labels)
+
+    def _search_labels(
+        self,
+        queries: np.ndarray,
+        k: int,
+        where: Mapping[str, Any] | None,
+        exclude: Mapping[str, Any] | None,
+    ) -> tuple[np.ndarray, list[list[int]]]:
+        """Caught-up search: scores (Q, k') as `search`, labels Q lists (caller holds lock)."""
+        queries = _as_matrix(queries, self.dim, "queries")
+        _check_k(k)
+        where = check_filter(where, "where")
+        exclude = check_filter(exclude, "exclude")
+        self._catch_up()
+        no_hits = np.empty((len(queries), 0), np.float32), [[] for _ in queries]
+        if not self._label_to_id or not len(queries):
+            return no_hits
+        selector, allowed = self._selector(where, exclude)
+        if allowed == 0:
+            return no_hits
+        # Tombstones can fill the top of a row, so fetch past them and filter.
+        fetch = min(k + self._tombstones(), int(self._index.ntotal))
+        if where:
+            fetch = min(k, allowed)  # the selector admits live matching labels only
+        if selector is None:
+            distances, labels = self._searcher(fetch).search(queries, fetch)  # (Q, fetch)
+        else:
+            params = self._filtered_params(selector[0])
+            distances, labels = self._index.search(queries, fetch, params=params)
+        scores = -distances if self.metric == "l2" else distances
+        rows_scores, rows_labels = [], []
+        for row_scores, row_labels in zip(scores, labels.tolist()):
+            keep = [j for j, x in enumerate(row_labels) if x in self._label_to_id][:k]
+            rows_scores.append(row_scores[keep])
+            rows_labels.append([row_labels[j] for j in keep])
+        return _pad_scores(rows_scores, len(queries)), rows_labels
+
+    def _selector(
+        self, where: dict[str, list[Any]], exclude: dict[str, list[Any]]
+    ) -> tuple[tuple[faiss.IDSelector, ...] | None, int]:
+        """FAISS selector for a filter (with the objects it points to, kept alive by the
+        caller) and how many live items it admits (-1: not counted, exclude only)."""
+        if not where and not exclude:
+            return None, -1
+        excluded = self._matching_labels(exclude) if exclude else np.empty(0, np.int64)
+        if where:
+            allowed = np.setdiff1d(self._matching_labels(where), excluded, assume_unique=True)
+            if not len(allowed):
+                return None, 0
+            return (faiss.IDSelectorBatch(allowed),), len(allowed)
+        inner = faiss.IDSelectorBatch(excluded)
+        return (faiss.IDSelectorNot(inner), inner), -1
+
+    def _matching_labels(self, conditions: dict[str, list[Any]]) -> np.ndarray:
+        """Sorted int64 labels of items whose metadata match every condition (key: any of
+        the values), from the db (JSON1 `json_each`, so any key works); cached until the
+        next write."""
+        key = json.dumps(conditions, sort_keys=True)
+        cached = self._filter_cache.get(key)
+        if cached is not None:
+            return cached
+        result: np.ndarray | None = None
+        for name, values in conditions.items():
+            clauses, params = [], [name]
+            for value in values:
+                if isinstance(value, bool) or value is None:
+                    clauses.append("j.type = ?")
+                    params.append({True: "true", False: "false", None: "null"}[value])
+                elif isinstance(value, str):
+                    clauses.append("(j.type = 'text' AND j.atom = ?)")
+                    params.append(value)
+                else:
+                    clauses.append("(j.type IN ('integer', 'real') AND j.atom = ?)")
+                    params.append(value)
+            query = (
+                "SELECT DISTINCT items.label FROM items, json_each(items.metadata) AS j "
+                f"WHERE j.key = ? AND ({' OR '.join(clauses)})"
+            )
+            labels = np.fromiter(
+                (row[0] for row in self._db.execute(query, params)), dtype=np.int64
+            )
+            labels = np.intersect1d(labels, result) if result is not None else np.unique(labels)
+            # Another writer's newer commit may show here before our catch-up; keep only
+            # what the in-memory index holds.
+            result = labels
+        assert result is not None
+        live = np.fromiter(self._label_to_id, dtype=np.int64, count=len(self._label_to_id))
+        result = np.intersect1d(result, live)
+        self._filter_cache[key] = result
+        return result
+
+    def _filtered_params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
+        """Search parameters carrying `selector` and the shard's own nprobe / efSearch."""
+        index = faiss.downcast_index(self._index)
+        if isinstance(index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=int(index.nprobe))
+        inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=int(inner.hnsw.efSearch))
+        if isinstance(inner, faiss.IndexFlat):
+            return faiss.SearchParameters(sel=selector)
+        raise ValueError(
+            f"index_type {self.index_type!r} does not support filtered search (where/exclude); "
+            "use Flat, IVF or HNSW"
+        )
+
+    def _rows_by_label(self, labels: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """label -> (item_id, metadata JSON) for the labels still in the db."""
+        found: dict[int, tuple[str, str]] = {}
+        unique = list(dict.fromkeys(labels))
+        for start in range(0, len(unique), _SQL_CHUNK):
+            chunk = unique[start : start + _SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT label, item_id, metadata FROM items WHERE label IN ({marks})"
+            for label, item_id, meta in self._db.execute(query, chunk):
+                found[label] = (item_id, meta)
+        return found
 
     def _iter_vectors(self, labels: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray]]:
         """(label, (dim,) float32 vector) for `labels`, or for every item in label order."""
@@ -480,7 +779,7 @@ class Shard:
 
     def _rebuild(self) -> faiss.Index:
         index = _deserialize(self._template)
-        if self.count and not index.is_trained:
+        if self._label_to_id and not index.is_trained:
             raise ValueError(f"shard {self.shard_id}: db holds items but no trained index")
         self._add_from_db(index, None)
         self._apply_search_params(index)
@@ -490,7 +789,7 @@ class Shard:
         """The snapshot brought up to date with the db, or an index rebuilt from the db."""
         path = self.shard_dir / SNAPSHOT_NAME
         if not path.exists():
-            if self.count:
+            if self._label_to_id:
                 logger.warning("%s missing; rebuilding shard from the db", path)
             return self._rebuild()
         try:
@@ -589,20 +888,32 @@ def train_template(
     return faiss.serialize_index(index).tobytes()
 
 
-def open_shard(index_dir: str | os.PathLike, shard_id: int, use_gpu: bool | None = None) -> Shard:
+def shard_path(index_dir: str | os.PathLike, shard_id: int) -> Path:
+    """Directory of shard `shard_id` inside an index directory (`index_dir/shard_<id>`)."""
+    return Path(index_dir) / SHARD_DIR_FORMAT.format(shard_id)
+
+
+def open_shard(
+    index_dir: str | os.PathLike,
+    shard_id: int,
+    use_gpu: bool | None = None,
+    lock_timeout_s: float | None = None,
+) -> Shard:
     """Open one shard of a sharded index (what a Serve shard deployment calls).
 
     Args:
         index_dir: directory made by `ShardedIndex.create`.
         shard_id: 0 <= shard_id < num_shards.
         use_gpu: search on all GPUs (Flat/IVF); None means "when faiss sees a GPU".
+        lock_timeout_s: how long a write waits for another writer's lock before
+            ShardLockedError; None = WRITE_LOCK_TIMEOUT_S.
     """
     manifest = read_manifest(index_dir)
     if not 0 <= shard_id < manifest["num_shards"]:
         raise ValueError(
             f"shard_id {shard_id} out of range for {index_dir} ({manifest['num_shards']} shards)"
         )
-    shard = Shard(Path(index_dir) / f"shard_{shard_id}", use_gpu=use_gpu)
+    shard = Shard(shard_path(index_dir, shard_id), use_gpu=use_gpu, lock_timeout_s=lock_timeout_s)
     for field in ("dim", "metric", "index_type"):
         if getattr(shard, field) != manifest[field]:
             shard.close()
@@ -666,10 +977,10 @@ class ShardedIndex:
         }
         json.dumps(manifest)  # fail before writing anything if `extra` is not JSON-serialisable
         for shard_id in range(num_shards):
-            shard_dir = index_dir / f"shard_{shard_id}"
+            shard_dir = shard_path(index_dir, shard_id)
             shard_dir.mkdir(parents=True, exist_ok=True)
             db = _connect(shard_dir / DB_NAME)
-            with db:
+            with _transaction(db):
                 db.executemany(
                     "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                     [
@@ -801,12 +1112,20 @@ class ShardedIndex:
         self.close()
 
     # ---------------------------------------------------------------- reads
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        where: Mapping[str, Any] | None = None,
+        exclude: Mapping[str, Any] | None = None,
+    ) -> SearchResult:
         """Global top-k over all shards: each shard's top-k merged by `merge_topk`.
 
         Args:
             queries: (Q, dim) float32.
             k: hits per query, >= 1.
+            where, exclude: metadata filters (see `Shard.search`); on Flat shards the result
+                is the exact top-k among matching items.
 
         Returns:
             As `Shard.search`: scores (Q, k') float32 descending (-inf after each row's hits),
@@ -814,7 +1133,26 @@ class ShardedIndex:
         """
         queries = _as_matrix(queries, self.dim, "queries")
         _check_k(k)
-        return merge_topk([shard.search(queries, k) for shard in self.shards], k)
+        parts = [shard.search(queries, k, where, exclude) for shard in self.shards]
+        return merge_topk(parts, k)
+
+    def search_with_metadata(
+        self,
+        queries: np.ndarray,
+        k: int,
+        where: Mapping[str, Any] | None = None,
+        exclude: Mapping[str, Any] | None = None,
+    ) -> tuple[np.ndarray, list[list[str]], list[list[dict[str, Any]]]]:
+        """`search` plus the metadata of every hit: (scores (Q, k'), ids, metadata)."""
+        queries = _as_matrix(queries, self.dim, "queries")
+        _check_k(k)
+        parts = [shard.search_with_metadata(queries, k, where, exclude) for shard in self.shards]
+        scores, ids = merge_topk([(p[0], p[1]) for p in parts], k)
+        metadata = []
+        for q, row in enumerate(ids):
+            by_id = {i: m for p in parts for i, m in zip(p[1][q], p[2][q])}
+            metadata.append([by_id[i] for i in row])
+        return scores, ids, metadata
 
     def get_metadata(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """Metadata dicts of `ids`, in order. Raises UnknownIdError for unknown ids."""
@@ -1007,9 +1345,24 @@ def _gpu_available() -> bool:
     return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Shard db with a WAL journal fsynced on every commit (a write is durable when acked)."""
-    db = sqlite3.connect(path, check_same_thread=False)  # Shard serialises access with a lock
+def _pad_scores(rows: Sequence[np.ndarray], num_queries: int) -> np.ndarray:
+    """Ragged per-row scores as (Q, longest row) float32, -inf after each row's hits."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((num_queries, width), -np.inf, dtype=np.float32)
+    for q, row in enumerate(rows):
+        out[q, : len(row)] = row
+    return out
+
+
+def _connect(path: Path, timeout_s: float | None = None) -> sqlite3.Connection:
+    """Shard db with a WAL journal fsynced on every commit (a write is durable when acked).
+
+    Autocommit mode (isolation_level None): `Shard` opens its transactions itself, BEGIN
+    IMMEDIATE for writes (SQLite's cross-process write lock) and BEGIN for consistent reads.
+    """
+    # check_same_thread=False: Shard serialises access with its own lock.
+    timeout_s = WRITE_LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value NOT NULL)")
@@ -1020,8 +1373,19 @@ def _connect(path: Path) -> sqlite3.Connection:
         " vector BLOB NOT NULL,"  # (dim,) float32, native byte order
         " metadata TEXT NOT NULL)"  # JSON object
     )
-    db.commit()
     return db
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection, mode: str = "") -> Iterator[None]:
+    """BEGIN [mode] ... COMMIT on an autocommit connection (ROLLBACK on error)."""
+    db.execute(f"BEGIN {mode}")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from reid_platform.checkpoint import read_checkpoint, save_checkpoint
 from reid_platform.config import Config
-from reid_platform.data.dataset import ImageDataset, collate_skip_corrupt
+from reid_platform.data.dataset import collate_skip_corrupt
 from reid_platform.data.formats import ReidDataset, Sample, balance
 from reid_platform.data.root import load_config_dataset
 from reid_platform.data.sampler import PKBatchSampler
@@ -36,8 +36,9 @@ from reid_platform.evaluation.embed import evaluate_model
 from reid_platform.evaluation.report import plot_cmc
 from reid_platform.losses import ReidLoss
 from reid_platform.models import ReidModel, build_model
-from reid_platform.runtime import amp_enabled
+from reid_platform.runtime import amp_dtype, amp_enabled
 from reid_platform.tracking import RunLogger
+from reid_platform.training.fast import CompiledForward, train_dataset, use_channels_last
 from reid_platform.training.schedule import WarmupSchedule
 from reid_platform.training.session import LocalSession, RaySession
 from reid_platform.training.swa import make_swa_model, recompute_batchnorm
@@ -115,10 +116,12 @@ class WorkerRun:
                             "run_id": loop_config["run_id"]} if loop_config.get("run_id") else {})
         self.device = device = session.device
         self.use_amp = amp_enabled(config.train.amp, device)
+        self.amp_dtype = amp_dtype(config.train.amp)
         torch.manual_seed(config.train.seed)
 
         self.dataset, train_samples, num_classes = _prepare_data(config)
-        model = build_model(config.model, num_classes)
+        model = build_model(config.model, num_classes,
+                            input_size=(config.data.height, config.data.width))
         self.criterion = ReidLoss(config.loss, num_classes, model.branches)
         self.optimizer = build_optimizer(model, config, self.criterion.model_parameters())
         self.swa_model = make_swa_model(model) if config.train.swa_epochs > 0 else None
@@ -142,14 +145,19 @@ class WorkerRun:
                 print(f"[train] {'restarted' if restarted else 'resuming'} after epoch "
                   f"{self.start_epoch}", flush=True)
 
+        self.channels_last = use_channels_last(config.train.channels_last, device, model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = session.prepare_model(model)  # DDP on the right device (Ray)
+        self.forward = CompiledForward(self.model) if config.train.compile else self.model
         self.criterion.to(device)
         if self.swa_model is not None:
             self.swa_model.to(device)
         if state is not None:
             self._restore(state, restarted)
-        self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=self.use_amp and device.type == "cuda")
+        # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(
+            self.use_amp and device.type == "cuda" and self.amp_dtype == torch.float16))
 
         data = config.data
         self.sampler = PKBatchSampler(
@@ -161,8 +169,9 @@ class WorkerRun:
         # Our own batch sampler: the loader is NOT passed to prepare_data_loader, which would
         # replace the sampler with a DistributedSampler and break PK batches.
         self.loader = torch.utils.data.DataLoader(
-            ImageDataset(train_samples,
-                         build_train_transform(data.height, data.width, data.augment)),
+            train_dataset(train_samples, data,
+                          build_train_transform(data.height, data.width, data.augment),
+                          threads=max(int(config.train.cpus_per_worker), 1)),
             batch_sampler=self.sampler,
             num_workers=data.loader_workers,
             collate_fn=collate_skip_corrupt,
@@ -280,8 +289,11 @@ class WorkerRun:
                   if isinstance(v, torch.Tensor)}  # image (B, 3, H, W); pid, camid, ... (B,)
         self.optimizer.zero_grad(set_to_none=True)
         self.criterion.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
-            out = self.model(inputs["image"], inputs["pid"], inputs.get("modality"))
+        images = inputs["image"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            out = self.forward(images, inputs["pid"], inputs.get("modality"))
         losses = self.criterion(out, inputs)
         self.scaler.scale(losses.total).backward()
         self.criterion.sync_gradients(self.world)

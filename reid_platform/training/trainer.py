@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from reid_platform.checkpoint import CheckpointError, read_checkpoint, slim_copy
 from reid_platform.config import Config, ConfigError, save_config
 from reid_platform.data.formats import DatasetError, ReidDataset, balance
 from reid_platform.data.root import load_config_dataset, resolve_data_root
-from reid_platform.models import check_backbone
+from reid_platform.models import TIMM_HUB, check_backbone, check_model, create_backbone
 from reid_platform.runtime import cluster_gpus, init_ray, verbose
 from reid_platform.tracking import RunLogger, resolve_tracking_uri, start_run
 from reid_platform.training.loop import train_loop_per_worker
@@ -67,8 +67,12 @@ def prepare_data(config: Config, progress: bool = True) -> tuple[Config, ReidDat
     if config.train.epochs < 0:
         raise ConfigError(f"train.epochs={config.train.epochs} must be >= 0")
     check_backbone(config.model.backbone)
+    check_model(config.model, (config.data.height, config.data.width))
     overrides = {}
-    if config.model.pretrained:
+    if config.model.pretrained == TIMM_HUB:
+        # fetched into timm's hub cache here once (or found there offline), before the workers
+        create_backbone(config.model.backbone, TIMM_HUB)
+    elif config.model.pretrained:
         overrides["model.pretrained"] = _absolute_file(config.model.pretrained, "model.pretrained")
     if config.train.resume_from:
         overrides["train.resume_from"] = _absolute_file(
@@ -199,13 +203,14 @@ def run_training(config: Config, progress: bool = True) -> TrainingResult:
     loop_config = {"config": config.to_dict(), "tracking_uri": uri, "run_id": run_id,
                    "progress_bar": progress_bar}
     with logger.ending_on_exit():
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as rearm:
             if config.train.num_workers == 0:
                 checkpoint, metrics = _train_in_this_process(config, loop_config, run_name)
             else:
                 needed = config.train.num_workers * config.train.cpus_per_worker
                 init_ray(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                          log_file=run_dir / "ray.log")
+                rearm()  # joining Ray installs its own SIGTERM handler in this process
                 trainer = build_trainer(config, uri, run_id, run_name, progress_bar=progress_bar)
                 result = trainer.fit()
                 if result.checkpoint is None:
@@ -244,18 +249,24 @@ def _storage_path(config: Config, storage_path: str | None) -> str:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
     """Turn SIGTERM (`ray job stop`, `kill`, a scheduler's pre-emption) into KeyboardInterrupt
-    while the block runs, so `finally` clauses run and the MLflow run is ended KILLED."""
+    while the block runs, so `finally` clauses run and the MLflow run is ended KILLED.
+
+    Yields `rearm`: connecting to Ray installs Ray's own fatal-signal handler for SIGTERM in
+    this process (it logs and aborts with SIGABRT), so call it again after `init_ray`."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+        yield lambda: None  # signal handlers can only be set from the main thread
         return
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    def rearm() -> None:
+        signal.signal(signal.SIGTERM, interrupt)
+
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield rearm
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,119 @@
+"""Embedding runtimes: decoded images -> L2-normalised embeddings, for the service and jobs.
+
+    images (list of (H, W, 3) uint8 RGB, any sizes) --resize + normalise (the eval transform,
+    the checkpoint's input size)--> (B, 3, H, W) --runtime--> (B, D) float32, L2-normalised
+
+A runtime is one class with `embed(images, flip=False) -> (B, D)` and `info() -> dict`, listed
+in `RUNTIMES`; `make_embedder(runtime, checkpoint, ...)` is what the Serve Embedder deployment and
+the offline jobs call. "torch" runs the checkpoint's model with PyTorch; another runtime (an
+exported model) is one more class here and one more entry in `RUNTIMES`.
+
+Flip test-time augmentation (`flip=True`): the embedding of an image is the normalised mean of
+the embeddings of the image and its horizontal mirror, computed as one batch of 2B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from reid_platform.checkpoint import checkpoint_file, load_model
+from reid_platform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from reid_platform.runtime import resolve_device
+
+TTA_MODES = ("none", "flip")
+
+
+def embed_tensor(model: torch.nn.Module, batch: torch.Tensor, flip: bool = False) -> np.ndarray:
+    """`model.embed` of a preprocessed batch (B, 3, H, W) on the model's device: (B, D)
+    float32, L2-normalised; with `flip`, the normalised mean with the mirrored batch's."""
+    with torch.inference_mode():
+        if not flip:
+            return model.embed(batch).float().cpu().numpy()
+        both = model.embed(torch.cat([batch, batch.flip(-1)])).float()  # (2B, D)
+        mean = both[: len(batch)] + both[len(batch) :]
+        return torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+
+
+class ImageEmbedder(Protocol):
+    """What every runtime provides."""
+
+    embedding_dim: int
+    input_size: tuple[int, int]  # (height, width) the model expects
+
+    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class TorchEmbedder:
+    """The checkpoint's model in PyTorch (eval mode, inference_mode), on `device`.
+
+    Args:
+        checkpoint: checkpoint directory or its model file.
+        device: "auto" (first GPU when present), "cpu", "cuda", "cuda:N".
+        num_threads: torch intra-op threads on CPU (the CPUs the caller was given); None
+            leaves torch's setting alone.
+    """
+
+    runtime = "torch"
+
+    def __init__(
+        self, checkpoint: str | Path, device: str = "auto", num_threads: int | None = None
+    ):
+        if num_threads is not None:
+            torch.set_num_threads(max(1, int(num_threads)))
+        self.checkpoint = str(checkpoint_file(checkpoint))
+        self.device = resolve_device(device)
+        self.model, config = load_model(self.checkpoint, self.device)
+        self.backbone = config.model.backbone
+        self.input_size = (int(config.data.height), int(config.data.width))
+        self.embedding_dim = int(self.model.embedding_dim)
+        self.transform = build_eval_transform(*self.input_size)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """(H_i, W_i, 3) uint8 RGB images -> (B, 3, H, W) float32, resized and normalised."""
+        return torch.stack([self.transform(image=image)["image"] for image in images])
+
+    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
+        """Embeddings of decoded images: (B, D) float32, L2-normalised.
+
+        Args:
+            images: B arrays (H_i, W_i, 3) uint8 RGB.
+            flip: average each image's embedding with its horizontal mirror's.
+        """
+        if not images:
+            return np.empty((0, self.embedding_dim), np.float32)
+        return embed_tensor(self.model, self.preprocess(images).to(self.device), flip)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "checkpoint": self.checkpoint,
+            "backbone": self.backbone,
+            "dim": self.embedding_dim,
+            "device": str(self.device),
+            "input_size": list(self.input_size),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "threads": torch.get_num_threads(),
+        }
+
+
+RUNTIMES: dict[str, type] = {"torch": TorchEmbedder}
+
+
+def make_embedder(
+    runtime: str, checkpoint: str | Path, device: str = "auto", num_threads: int | None = None
+) -> ImageEmbedder:
+    """The embedder of `runtime` (a key of RUNTIMES) for a checkpoint.
+
+    Raises:
+        ValueError: an unknown runtime, naming the known ones.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not known; choose one of {sorted(RUNTIMES)}")
+    return RUNTIMES[runtime](checkpoint, device=device, num_threads=num_threads)
