@@ -64,6 +64,10 @@ class ExportError(ValueError):
     which model, file or setting, and why."""
 
 
+class ParityDataError(ExportError):
+    """The images for the parity check cannot be found or read."""
+
+
 @dataclass(frozen=True)
 class OnnxMetadata:
     """The contract an exported model carries in its ONNX `metadata_props`.
@@ -399,12 +403,12 @@ def parity_samples(config: Config, count: int, source: str | Path | None = None
         what = f"--parity-data {source}" if source is not None else (
             f"the checkpoint's dataset (data.root={config.data.root or '(empty)'}, "
             f"data.format={config.data.format})")
-        raise ExportError(
+        raise ParityDataError(
             f"the parity check needs real images, but {what} cannot be read ({err}); give "
             "--parity-data PATH (a dataset root, CSV manifest or folder of images)"
         ) from None
     if not samples:
-        raise ExportError(f"the parity check found no images in {where}")
+        raise ParityDataError(f"the parity check found no images in {where}")
     picks = np.unique(np.linspace(0, len(samples) - 1, min(count, len(samples))).round())
     return [samples[int(i)] for i in picks], where
 
@@ -426,7 +430,8 @@ def load_images(samples: Sequence[Sample], height: int, width: int
             continue
         images.append(transform(image=image)["image"].numpy())
     if not images:
-        raise ExportError(f"none of the {len(samples)} parity images could be read: {skipped[:3]}")
+        raise ParityDataError(
+            f"none of the {len(samples)} parity images could be read: {skipped[:3]}")
     return np.stack(images).astype(np.float32, copy=False), skipped
 
 
@@ -554,19 +559,35 @@ def is_current(onnx_file: str | Path, checkpoint: str | Path) -> bool:
     return metadata.checkpoint_sha256 == file_sha256(checkpoint_file(checkpoint))
 
 
-def ensure_onnx(checkpoint: str | Path, fp16: bool = False, **kwargs: Any) -> Path:
+def ensure_onnx(
+    checkpoint: str | Path,
+    fp16: bool = False,
+    fallback_parity_data: str | Path | None = None,
+    **kwargs: Any,
+) -> Path:
     """The ONNX file beside a checkpoint, exported now if it is missing or stale.
 
     Args:
+        fallback_parity_data: images to check parity on when the checkpoint's own dataset is
+            gone (the service and the gallery build pass the gallery).
         kwargs: passed to `export_onnx` (parity_images, parity_data, ...).
 
     Returns:
         the path of the up-to-date export.
+
+    Raises:
+        ExportError: as `export_onnx`.
     """
     path = onnx_path_for(checkpoint, fp16)
     if path.is_file() and is_current(path, checkpoint):
         return path
-    return export_onnx(checkpoint, path.parent, fp16=fp16, **kwargs).path
+    try:
+        return export_onnx(checkpoint, path.parent, fp16=fp16, **kwargs).path
+    except ParityDataError:
+        if not fallback_parity_data or kwargs.get("parity_data"):
+            raise
+    return export_onnx(checkpoint, path.parent, fp16=fp16,
+                       **{**kwargs, "parity_data": fallback_parity_data}).path
 
 
 def log_export(result: ExportResult, tracking_uri: str | None = None,
