@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="flip: average each image's embedding with its mirror image's (the service and "
         "jobs/search.py then embed queries the same way)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: embed with the checkpoint's ONNX export under ONNX Runtime (exported "
+        "beside the checkpoint first when there is none)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--smoke-test",
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                 num_gpus=args.num_gpus,
                 progress=not args.no_progress,
                 tta=args.tta,
+                runtime=args.runtime,
             )
         except IndexBuildError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -34,7 +34,7 @@ from reid_platform.data.formats import (
     load_folder,
 )
 from reid_platform.data.transforms import build_eval_transform
-from reid_platform.retrieval.embedders import TTA_MODES, embed_tensor
+from reid_platform.retrieval.embedders import TTA_MODES, embed_onnx, embed_tensor
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
 from reid_platform.runtime import gpus_per_actor, resolve_device
 
@@ -170,18 +170,30 @@ class GalleryEmbedder:
     """`map_batches` callable class (the actor pool): decoded images -> L2-normalised
     embeddings (B, D). One model per actor, on the actor's GPU when it was given one; rows
     with a decode error get a zero vector. `flip`: flip test-time augmentation
-    (`embedders.embed_tensor`)."""
+    (`embedders.embed_tensor`). `runtime`: "torch", or "onnx" (the checkpoint's current ONNX
+    export under ONNX Runtime, with the actor's CPUs as threads; `onnx_path` names it)."""
 
-    def __init__(self, checkpoint: str, flip: bool = False):
+    def __init__(
+        self, checkpoint: str, flip: bool = False, runtime: str = "torch", onnx_path: str = ""
+    ):
+        self.flip = flip
+        self.runtime = runtime
+        if runtime == "onnx":
+            from reid_platform.retrieval.export import OnnxEmbedder
+
+            self.onnx = OnnxEmbedder(onnx_path)
+            self.dim = self.onnx.embedding_dim
+            return
         self.device = resolve_device("auto")
         self.model, _ = load_model(checkpoint, self.device)
         self.dim = self.model.embedding_dim
-        self.flip = flip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.dim), dtype=np.float32)
-        if ok.any():
+        if ok.any() and self.runtime == "onnx":
+            vectors[ok] = embed_onnx(self.onnx, np.asarray(batch["image"][ok]), self.flip)
+        elif ok.any():
             images = torch.from_numpy(np.array(batch["image"][ok]))  # (B, 3, H, W), a copy
             vectors[ok] = embed_tensor(self.model, images.to(self.device), self.flip)
         return {"item_id": batch["item_id"], "embedding": vectors, "error": batch["error"]}
@@ -208,6 +220,8 @@ def iter_gallery_embeddings(
     num_gpus: float | None = None,
     progress: bool = True,
     flip: bool = False,
+    runtime: str = "torch",
+    onnx_path: str | Path = "",
 ) -> Iterator[EmbeddedBatch]:
     """Embed `samples` with a Ray Data actor pool, yielding batches as they finish.
 
@@ -219,6 +233,8 @@ def iter_gallery_embeddings(
         num_gpus: GPUs per actor; None = 1 when the Ray cluster has GPUs, else 0.
         progress: show a progress bar (images embedded).
         flip: flip test-time augmentation (mean with the mirrored image's embedding).
+        runtime: "torch" or "onnx" (then `onnx_path`: a current export of the checkpoint,
+            `export.ensure_onnx`).
 
     Yields:
         EmbeddedBatch per block, in sample order.
@@ -249,7 +265,12 @@ def iter_gallery_embeddings(
     )
     ds = ds.map_batches(
         GalleryEmbedder,
-        fn_constructor_kwargs={"checkpoint": str(checkpoint_file(checkpoint)), "flip": flip},
+        fn_constructor_kwargs={
+            "checkpoint": str(checkpoint_file(checkpoint)),
+            "flip": flip,
+            "runtime": runtime,
+            "onnx_path": str(onnx_path),
+        },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
@@ -283,6 +304,7 @@ def build_gallery_index(
     num_gpus: float | None = None,
     progress: bool = True,
     tta: str = "none",
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Embed a gallery and write (or top up) a sharded index at `out`.
 
@@ -301,9 +323,12 @@ def build_gallery_index(
         batch_size, concurrency, num_gpus, progress: see `iter_gallery_embeddings`.
         tta: "none" or "flip" (each item's embedding averaged with its mirror image's);
             recorded in the manifest, so the service and jobs/search.py embed queries alike.
+        runtime: "torch", or "onnx": the checkpoint's ONNX export under ONNX Runtime,
+            exported beside the checkpoint first when there is no current one (its parity
+            check on the checkpoint's query images, or on the gallery when they are gone).
 
     Returns:
-        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta.
+        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta, runtime.
 
     Raises:
         DatasetError: unusable gallery. IndexBuildError: an index type the data cannot train,
@@ -311,12 +336,22 @@ def build_gallery_index(
     """
     if tta not in TTA_MODES:
         raise IndexBuildError(f"--tta {tta!r}: choose one of {TTA_MODES}")
+    if runtime not in ("torch", "onnx"):
+        raise IndexBuildError(f"--runtime {runtime!r}: choose one of ('torch', 'onnx')")
     out = Path(out).expanduser().resolve()
     ckpt = checkpoint_file(checkpoint).parent.resolve()
     model, config = load_model(ckpt)  # on the driver only for its dimension and settings
     dim = int(model.embedding_dim)
     del model
     samples, fmt = gallery_samples(gallery, fmt)
+    onnx_path = ""
+    if runtime == "onnx":  # exported once here, not in every actor
+        from reid_platform.retrieval.export import ExportError, ensure_onnx
+
+        try:
+            onnx_path = str(ensure_onnx(ckpt, fallback_parity_data=gallery))
+        except ExportError as err:
+            raise IndexBuildError(f"--runtime onnx: {err}") from None
     extra = {
         "checkpoint": str(ckpt),
         "gallery": str(Path(gallery).expanduser().resolve()),
@@ -328,6 +363,7 @@ def build_gallery_index(
         },
         "normalized": True,
         "tta": tta,
+        "runtime": runtime,
     }
     index = _open_or_create(out, dim, num_shards, index_type, extra)
     by_id = {s.item_id: s for s in samples}
@@ -351,7 +387,15 @@ def build_gallery_index(
 
     try:
         for batch in iter_gallery_embeddings(
-            samples, ckpt, batch_size, concurrency, num_gpus, progress, flip=tta == "flip"
+            samples,
+            ckpt,
+            batch_size,
+            concurrency,
+            num_gpus,
+            progress,
+            flip=tta == "flip",
+            runtime=runtime,
+            onnx_path=onnx_path,
         ):
             pending_ids.extend(batch.ids)
             pending.append(batch.vectors)
@@ -373,6 +417,7 @@ def build_gallery_index(
             "index_type": index.index_type,
             "format": fmt,
             "tta": tta,
+            "runtime": runtime,
         }
     finally:
         index.close()
