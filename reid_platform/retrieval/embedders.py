@@ -61,7 +61,30 @@ class ImageEmbedder(Protocol):
     def info(self) -> dict[str, Any]: ...
 
 
-class TorchEmbedder:
+class _BatchEmbedder:
+    """`embed` shared by the runtimes: decoded images -> `preprocess` -> `embed_batch`."""
+
+    embedding_dim: int
+
+    def preprocess(self, images: list[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def embed_batch(self, batch: Any, flip: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
+        """Embeddings of decoded images: (B, D) float32, L2-normalised.
+
+        Args:
+            images: B arrays (H_i, W_i, 3) uint8 RGB.
+            flip: average each image's embedding with its horizontal mirror's.
+        """
+        if not images:
+            return np.empty((0, self.embedding_dim), np.float32)
+        return self.embed_batch(self.preprocess(images), flip)
+
+
+class TorchEmbedder(_BatchEmbedder):
     """The checkpoint's model in PyTorch (eval mode, inference_mode), on `device`.
 
     Args:
@@ -90,16 +113,9 @@ class TorchEmbedder:
         """(H_i, W_i, 3) uint8 RGB images -> (B, 3, H, W) float32, resized and normalised."""
         return torch.stack([self.transform(image=image)["image"] for image in images])
 
-    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
-        """Embeddings of decoded images: (B, D) float32, L2-normalised.
-
-        Args:
-            images: B arrays (H_i, W_i, 3) uint8 RGB.
-            flip: average each image's embedding with its horizontal mirror's.
-        """
-        if not images:
-            return np.empty((0, self.embedding_dim), np.float32)
-        return embed_tensor(self.model, self.preprocess(images).to(self.device), flip)
+    def embed_batch(self, batch: torch.Tensor, flip: bool = False) -> np.ndarray:
+        """(B, 3, H, W) preprocessed -> (B, D) float32, L2-normalised (`embed_tensor`)."""
+        return embed_tensor(self.model, batch.to(self.device), flip)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -115,7 +131,7 @@ class TorchEmbedder:
         }
 
 
-class OnnxRuntimeEmbedder:
+class OnnxRuntimeEmbedder(_BatchEmbedder):
     """The checkpoint's ONNX export under ONNX Runtime (`export.OnnxEmbedder`).
 
     The export is `model.onnx` beside the checkpoint; a missing or stale one (another
@@ -173,16 +189,9 @@ class OnnxRuntimeEmbedder:
         """(H_i, W_i, 3) uint8 RGB images -> (B, 3, H, W) float32, resized and normalised."""
         return np.stack([self.transform(image=image)["image"].numpy() for image in images])
 
-    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
-        """Embeddings of decoded images: (B, D) float32, L2-normalised.
-
-        Args:
-            images: B arrays (H_i, W_i, 3) uint8 RGB.
-            flip: average each image's embedding with its horizontal mirror's.
-        """
-        if not images:
-            return np.empty((0, self.embedding_dim), np.float32)
-        return embed_onnx(self.session, self.preprocess(images), flip)
+    def embed_batch(self, batch: np.ndarray, flip: bool = False) -> np.ndarray:
+        """(B, 3, H, W) preprocessed -> (B, D) float32, L2-normalised (`embed_onnx`)."""
+        return embed_onnx(self.session, batch, flip)
 
     def info(self) -> dict[str, Any]:
         meta = self.session.metadata
