@@ -105,6 +105,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from reid_platform.data.formats import DatasetError
     from reid_platform.evaluation.metrics import EvaluationError
     from reid_platform.models import ModelError
+    from reid_platform.pseudo.clustering import ClusteringError
+    from reid_platform.pseudo.distances import DistanceError
     from reid_platform.runtime import DeviceError
 
     return (
@@ -114,6 +116,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         EvaluationError,
         DeviceError,
+        ClusteringError,
+        DistanceError,
         FileNotFoundError,
     )
 

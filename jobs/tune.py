@@ -1,8 +1,9 @@
-"""Sweep the loss knobs with Ray Tune; every trial is a full Ray Train run.
+"""Sweep config keys (`tune.space`) with Ray Tune; every trial is a full Ray Train run.
 
     python jobs/tune.py                                   # the demo sweep (synthetic data, CPU)
     python jobs/tune.py --config configs/sweep.yaml --set data.root=/data/Market-1501
     python jobs/tune.py --config configs/sweep.yaml --resume     # continue an interrupted one
+    python jobs/tune.py --set 'tune.space.model.pooling={type: choice, values: [avg, gem]}'
     ray job submit --working-dir . -- python jobs/tune.py --config configs/sweep.yaml
 
 A sweep whose experiment already exists (same `name`) is resumed with the config it started

@@ -127,7 +127,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
         (model on `device`, eval mode; the config it was trained with).
     """
     payload = read_checkpoint(path)
-    config = Config.from_dict(payload["config"])
+    config = Config.from_saved(payload["config"])
     # Weights come from the checkpoint: do not look for the ImageNet file again.
     model_cfg = config.replace(**{"model.pretrained": ""}).model
     model = build_model(model_cfg, payload["num_classes"],

@@ -8,9 +8,12 @@ are errors that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +90,10 @@ class DataConfig:
     loader_workers: int = 2
     cache: Literal["none", "ram"] = "none"  # ram: decode + resize each train image once
     eval_batch_size: int = 128
+    # More training sources: CSV manifests (e.g. pseudo-label files) or dataset trees whose
+    # training rows join the training split, their ids kept apart from the others.
+    extra_train: tuple[str, ...] = ()
+    unlabelled: str = ""  # images without labels, for jobs/self_train.py
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -208,9 +215,45 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else SQLite under the workspace
 
 
+DistributionType = Literal["uniform", "quniform", "loguniform", "qloguniform", "randint", "choice"]
+# Keys a sweep cannot vary: they name the sweep, its MLflow experiment and its outputs.
+FIXED_IN_A_SWEEP = ("name", "workspace", "tracking.", "tune.")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How a sweep draws one config key: `{type, low, high[, q]}` or `{type: choice, values}`.
+
+    - `uniform`: a float in [low, high]; `loguniform`: the same on a log scale (0 < low);
+    - `quniform` / `qloguniform`: as above, rounded to a multiple of `q`;
+    - `randint`: an integer in [low, high) (high excluded, as in Ray Tune and numpy);
+    - `choice`: one of `values` (any values the key accepts: strings, booleans, lists...).
+
+    `TuneConfig` checks each distribution against the key it draws (see `check_search_space`).
+    """
+
+    type: DistributionType
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+    values: tuple[Any, ...] = ()
+
+
+def default_search_space() -> dict[str, Distribution]:
+    """The loss knobs of the recipe: triplet margin (hard or soft), ID/triplet weights, lr."""
+    return {
+        "loss.margin": Distribution("uniform", low=0.1, high=1.0),
+        "loss.soft_margin": Distribution("choice", values=(False, True)),
+        "loss.id_weight": Distribution("uniform", low=0.05, high=1.0),
+        "loss.triplet_weight": Distribution("uniform", low=0.05, high=1.0),
+        "train.lr": Distribution("loguniform", low=1e-4, high=1e-3),
+    }
+
+
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune sweep of the loss knobs; see `reid_platform.tuning`."""
+    """Ray Tune sweep: `space` maps dotted config keys to distributions; see
+    `reid_platform.tuning`."""
 
     num_samples: int = 8
     max_concurrent: int = 0  # 0 = derived from the cluster's resources
@@ -218,17 +261,35 @@ class TuneConfig:
     metric: str = "score"  # an evaluation metric, higher is better
     grace_period: int = 1  # ASHA: evaluations before a trial may be stopped
     reduction_factor: int = 2
-    margin_min: float = 0.1
-    margin_max: float = 1.0
-    soft_margin_choice: bool = True
-    id_weight_min: float = 0.05
-    id_weight_max: float = 1.0
-    triplet_weight_min: float = 0.05
-    triplet_weight_max: float = 1.0
-    lr_min: float = 1e-4
-    lr_max: float = 1e-3
-    search_lr: bool = True
+    # e.g. {"loss.margin": {type: uniform, low: 0.1, high: 1.0}}; a YAML `tune.space` replaces
+    # this default, `--set tune.space.<key>=...` adds to (or with null removes from) it.
+    space: dict[str, Distribution] = field(default_factory=default_search_space)
     storage_path: str = ""  # Tune experiments + trial checkpoints; empty = <workspace>/tune
+
+    def __post_init__(self) -> None:
+        # Validated here, so a bad sweep fails when its config loads, before any trial starts.
+        object.__setattr__(self, "space", check_search_space(self.space))
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """Self-training rounds on `data.unlabelled`; see `reid_platform.pseudo`."""
+
+    rounds: int = 3  # pseudo-labelling rounds after round 0
+    epochs: int = 0  # training epochs per round; 0 = train.epochs
+    method: Literal["dbscan", "kmeans", "link"] = "dbscan"
+    distance: Literal["jaccard", "cosine"] = "jaccard"  # dbscan / link; kmeans uses features
+    k1: int = 20  # k-reciprocal neighbourhood of the Jaccard distance (SpCL: 30)
+    k2: int = 6  # local query expansion of the Jaccard distance
+    knn: int = 0  # candidate pairs per image in the sparse distance graph; 0 = k1
+    eps: float = 0.0  # DBSCAN radius; 0 = from the data (eps_pairs)
+    eps_pairs: float = 6.0  # auto eps: mean of the N * eps_pairs smallest pair distances
+    min_samples: int = 4  # DBSCAN: neighbours (itself included) that make a core image
+    threshold: float = 0.5  # link: nearest neighbour kept when its distance is below this
+    clusters: int = 0  # kmeans: number of pseudo identities (required for kmeans)
+    min_cluster_size: int = 2  # smaller clusters are outliers (dropped)
+    batch_size: int = 64  # images per forward pass when embedding
+    out: str = ""  # round outputs; empty = <workspace>/self_train/<name>-<time>
 
 
 @dataclass(frozen=True)
@@ -243,16 +304,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
 
     # ---- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML- and JSON-serialisable dict (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        data = _plain(dataclasses.asdict(self))
+        # A distribution lists only the fields it uses: {type: uniform, low: 0.1, high: 1.0}.
+        data["tune"]["space"] = {
+            key: {name: v for name, v in dist.items() if v is not None and v != []}
+            for key, dist in data["tune"]["space"].items()
+        }
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         """Rebuild from a (possibly partial) nested dict; unknown keys are errors."""
         return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> Config:
+        """Rebuild the config stored in a checkpoint. A checkpoint written before `tune.space`
+        holds the old sweep keys: they say nothing about the model, so they are dropped
+        rather than refused (a config file with them is still an error that shows the fix)."""
+        tune = data.get("tune")
+        if isinstance(tune, dict) and any(k in tune for k in _LEGACY_TUNE_KEYS):
+            data = {**data, "tune": {k: v for k, v in tune.items()
+                                     if k not in _LEGACY_TUNE_KEYS}}
+        return cls.from_dict(data)
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with dotted-key overrides, e.g. `cfg.replace(**{"loss.margin": 0.5})`."""
@@ -354,6 +433,74 @@ def save_config(config: Config, path: str | Path) -> Path:
     return path
 
 
+def config_key_type(key: str) -> Any:
+    """The type annotation of a dotted leaf key, e.g. `int` for "train.epochs", `float` for
+    "loss.extra.circle.weight" (a field of the named entry circle).
+
+    Raises:
+        ConfigError: the key does not exist (with the closest key, if any) or is a section.
+    """
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            suggestion = _did_you_mean(part, list(hints), f"{prefix}." if prefix else "")
+            raise ConfigError(f"{key!r} is not a config key{suggestion}")
+        cls = hints[part]
+        entry = _named_entry_type(cls)
+        if entry is not None and i < len(parts) - 1:
+            # `loss.extra.<name>.<field>`: one field of a named entry
+            if len(parts) != i + 3:
+                raise ConfigError(f"{key!r}: expected {'.'.join(parts[:i + 1])}.<entry name>"
+                                  ".<field>")
+            fields = typing.get_type_hints(entry)
+            if parts[-1] not in fields or parts[-1] == "name":
+                prefix = ".".join(parts[:-1]) + "."
+                raise ConfigError(f"{key!r} is not a config key"
+                                  f"{_did_you_mean(parts[-1], list(fields), prefix)}")
+            return fields[parts[-1]]
+        if dataclasses.is_dataclass(cls) and i == len(parts) - 1:
+            raise ConfigError(
+                f"{key!r} is a config section, not a value; its keys: "
+                + ", ".join(_leaf_hints(cls, f"{key}."))
+            )
+    return cls
+
+
+def check_search_space(space: Mapping[str, Distribution]) -> dict[str, Distribution]:
+    """Check every searched key and its distribution against the config.
+
+    Returns:
+        The space with each choice's values converted to the key's type (e.g. YAML `on` for
+        `train.amp` becomes "on", a list for `train.milestones` a tuple).
+
+    Raises:
+        ConfigError: naming `tune.space.<key>`: an unknown key, a key a sweep cannot vary,
+            a malformed range, or values the key does not accept.
+    """
+    checked = {}
+    for key, dist in space.items():
+        where = f"tune.space.{key}"
+        if not isinstance(dist, Distribution):
+            raise ConfigError(
+                f"{where} must be a distribution like {{type: uniform, low: 0.1, high: 1.0}} "
+                f"or {{type: choice, values: [a, b]}}, got {dist!r}"
+            )
+        try:
+            hint = config_key_type(key)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if any(key == fixed or key.startswith(fixed) for fixed in FIXED_IN_A_SWEEP):
+            raise ConfigError(
+                f"{where}: {key} cannot be searched (name, workspace, tracking.* and tune.* "
+                "are the same for every trial of a sweep)"
+            )
+        checked[key] = _check_distribution(where, key, hint, dist)
+    return checked
+
+
 # ---- internals ---------------------------------------------------------------------------
 
 
@@ -371,14 +518,23 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     Under a list of named entries (`loss.extra`) the next part names an entry:
     `loss.extra.circle.weight=0.5` sets that field of the entry named circle (adding the entry
     if there is none), `loss.extra.circle=null` removes it.
+
+    Under a mapping field (`tune.space`) the rest of the key is one entry (a dotted config
+    key), or an entry and one of its fields: `tune.space.loss.margin.high`. A mapping that
+    `data` does not hold yet starts from the field's default, so an override adds to it.
     """
     parts = key.split(".")
     node, cls = data, Config
     for i, part in enumerate(parts[:-1]):
-        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        hint = _field_hint(cls, part)
         if _named_entry_type(hint) is not None:
             entries = node.get(part)
             node[part] = _set_named_entry(list(entries or []), parts[i + 1:], value, key)
+            return
+        if typing.get_origin(hint) is dict:
+            if part not in node:
+                node[part] = _plain_default(cls, part)
+            _set_entry(node[part], parts[i + 1 :], value, typing.get_args(hint)[1], key)
             return
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -422,6 +578,37 @@ def _set_named_entry(entries: list[Any], rest: list[str], value: Any, key: str) 
     return entries
 
 
+def _field_hint(cls: Any, name: str) -> Any:
+    return typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+
+
+def _plain_default(cls: Any, name: str) -> dict[str, Any]:
+    """The default of the mapping field `cls.name`, as plain dicts (what YAML would give)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return _plain(
+        {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in default.items()}
+    )
+
+
+def _set_entry(mapping: Any, rest: list[str], value: Any, item: Any, key: str) -> None:
+    """Set `rest` in a mapping field: the whole entry, or one field of a dataclass entry."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"key {key!r}: {key.removesuffix('.' + '.'.join(rest))} is not a mapping")
+    item_fields = (
+        [f.name for f in dataclasses.fields(item)] if dataclasses.is_dataclass(item) else []
+    )
+    if len(rest) == 1 or rest[-1] not in item_fields:
+        mapping[".".join(rest)] = value
+        return
+    name = ".".join(rest[:-1])
+    if mapping.get(name) is None:
+        mapping[name] = {}
+    if not isinstance(mapping[name], dict):
+        raise ConfigError(f"key {key!r}: {name!r} is {mapping[name]!r}, not a mapping")
+    mapping[name][rest[-1]] = value
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping)")
@@ -429,8 +616,16 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        explain = _REMOVED_KEYS.get(cls)
+        error = explain(data, prefix) if explain else None
+        if error is not None:
+            raise error
         allowed = ", ".join(f"{prefix}{name}" for name in fields)
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; allowed here: {allowed}")
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}"
+            f"{_did_you_mean(unknown[0], list(fields), prefix)}; "
+            f"allowed here: {allowed}"
+        )
     missing = [
         name
         for name, f in fields.items()
@@ -464,10 +659,34 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list of {item_type.__name__}")
+            of = "" if item_type is Any else f" of {item_type.__name__}"
+            raise ConfigError(f"{key}={value!r} must be a list{of}")
         return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        (_, item_type) = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}: key {name!r} must be a string")
+            if item is not None:  # `--set tune.space.train.lr=null` removes an entry
+                out[name] = _coerce(item_type, item, f"{key}.{name}")
+        return out
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: unsupported union type")  # not used by our dataclasses
+        args = typing.get_args(hint)
+        if len(args) != 2 or type(None) not in args:
+            raise ConfigError(f"{key}: unsupported union type")  # only `X | None` is used
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if hint is Any:
+        # choice values: any YAML scalar or list, checked against their key later
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(Any, v, f"{key}[{i}]") for i, v in enumerate(value))
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a number, string, boolean or list")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -493,3 +712,136 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}={value!r} must be a string")
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _leaf_hints(cls: Any, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out.update(_leaf_hints(hint, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = hint
+    return out
+
+
+def _did_you_mean(name: str, candidates: list[str], prefix: str = "") -> str:
+    """A hint like " (did you mean 'train.epochs'?)" for "epoch" among a section's keys, or
+    "" when nothing is close."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {bool: "true or false", str: "a string", int: "an integer"}.get(hint, str(hint))
+
+
+def _check_distribution(where: str, key: str, hint: Any, dist: Distribution) -> Distribution:
+    """One entry of `tune.space` (see `check_search_space`)."""
+    if dist.type == "choice":
+        if (dist.low, dist.high, dist.q) != (None, None, None):
+            raise ConfigError(f"{where}: a choice takes `values` only, not low/high/q")
+        if not dist.values:
+            raise ConfigError(f"{where}: a choice needs `values`, e.g. values: [a, b]")
+        values = []
+        for value in dist.values:
+            try:
+                values.append(_coerce(hint, value, key))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: choice value {value!r} does not fit: {err}") from None
+        typed = [(type(v), v) for v in values]
+        if len(set(typed)) < len(typed):
+            raise ConfigError(f"{where}: choice values {list(dist.values)} repeat a value")
+        return dataclasses.replace(dist, values=tuple(values))
+    example = f"{{type: {dist.type}, low: ..., high: ...{', q: ...' if 'q' in dist.type else ''}}}"
+    if dist.values:
+        raise ConfigError(f"{where}: {dist.type} takes low/high, not values (or use type: choice)")
+    if dist.low is None or dist.high is None:
+        raise ConfigError(f"{where}: {dist.type} needs low and high: {example}")
+    if not dist.low < dist.high:
+        raise ConfigError(f"{where}: low={dist.low:g} must be below high={dist.high:g}")
+    if "log" in dist.type and dist.low <= 0:
+        raise ConfigError(f"{where}: {dist.type} needs 0 < low, got low={dist.low:g}")
+    if dist.type.startswith("q"):
+        if dist.q is None or dist.q <= 0:
+            raise ConfigError(f"{where}: {dist.type} needs a step q > 0: {example}")
+        if not all(math.isclose(b / dist.q, round(b / dist.q)) for b in (dist.low, dist.high)):
+            raise ConfigError(
+                f"{where}: low={dist.low:g} and high={dist.high:g} must be multiples of "
+                f"q={dist.q:g}"
+            )
+    elif dist.q is not None:
+        raise ConfigError(f"{where}: q is for quniform/qloguniform, not {dist.type}")
+    if dist.type == "randint" and not (dist.low.is_integer() and dist.high.is_integer()):
+        raise ConfigError(f"{where}: randint needs integer low and high (high excluded)")
+    if hint is float:
+        return dist
+    if hint is int:
+        if dist.type == "randint" or (dist.q is not None and dist.q.is_integer()):
+            return dist
+        raise ConfigError(
+            f"{where}: {key} is an integer; use {{type: randint, low: ..., high: ...}} (high "
+            f"excluded) or quniform with an integer q, not {dist.type}"
+        )
+    raise ConfigError(
+        f"{where}: {key} takes {_describe(hint)}, not numbers from a {dist.type} range; use "
+        "{type: choice, values: [...]}"
+    )
+
+
+# The sweep ranges that `tune.space` replaced: old key stem -> (searched key, distribution,
+# default low, default high).
+_LEGACY_TUNE_RANGES = {
+    "margin": ("loss.margin", "uniform", 0.1, 1.0),
+    "id_weight": ("loss.id_weight", "uniform", 0.05, 1.0),
+    "triplet_weight": ("loss.triplet_weight", "uniform", 0.05, 1.0),
+    "lr": ("train.lr", "loguniform", 1e-4, 1e-3),
+}
+_LEGACY_TUNE_KEYS = (
+    *(f"{name}_{end}" for name in _LEGACY_TUNE_RANGES for end in ("min", "max")),
+    "soft_margin_choice",
+    "search_lr",
+)
+
+
+def _legacy_tune_keys_error(data: Mapping[str, Any], prefix: str) -> ConfigError | None:
+    """The error for a `tune` section written before `tune.space`: it shows the YAML that
+    searches exactly what the old keys did."""
+    legacy = [k for k in _LEGACY_TUNE_KEYS if k in data]
+    if not legacy:
+        return None
+    entries: dict[str, dict[str, Any]] = {}
+    for name, (key, kind, low, high) in _LEGACY_TUNE_RANGES.items():
+        if name == "lr" and not data.get("search_lr", True):
+            continue
+        entries[key] = {
+            "type": kind,
+            "low": _as_number(data.get(f"{name}_min", low)),
+            "high": _as_number(data.get(f"{name}_max", high)),
+        }
+        if name == "margin" and data.get("soft_margin_choice", True):
+            entries["loss.soft_margin"] = {"type": "choice", "values": [False, True]}
+    lines = ["tune:", "  space:"] + [
+        f"    {key}: " + yaml.safe_dump(spec, default_flow_style=True, sort_keys=False).strip()
+        for key, spec in entries.items()
+    ]
+    old = ", ".join(f"{prefix}{k}" for k in legacy)
+    return ConfigError(
+        f"{old}: these keys were replaced by {prefix}space, which maps any config key to a "
+        "distribution; to search what they searched, remove them and write:\n\n" + "\n".join(lines)
+    )
+
+
+def _as_number(value: Any) -> Any:
+    """A float when `value` reads as one (YAML 1.1 leaves `1e-4` a string), else as it is."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+# Sections whose removed keys get an error that shows how to write them now.
+_REMOVED_KEYS = {TuneConfig: _legacy_tune_keys_error}

@@ -92,22 +92,33 @@ def init_ray(num_cpus: int | None = None, log_file: str | Path | None = None) ->
         env = {**WORKER_ENV, "RAY_ADDRESS": address}
         context = ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        port = loopback_port(DASHBOARD_PORT)
-        api_server = f"http://127.0.0.1:{port}"
-        os.environ.setdefault(API_SERVER_ENV, api_server)
         cpus = num_cpus or os.cpu_count() or 1
         print(f"[ray] starting a local Ray ({cpus} CPUs, on 127.0.0.1 only) ...", flush=True)
-        # address="local": a fresh instance even if `ray start` left a cluster running
-        # (plain ray.init() would join it, and then refuse num_cpus).
-        context = ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: api_server}},
-            log_to_driver=True,
-        )
+        own_api_server = API_SERVER_ENV not in os.environ
+        for attempt in range(3):
+            port = loopback_port(DASHBOARD_PORT)
+            api_server = f"http://127.0.0.1:{port}"
+            if own_api_server:
+                os.environ[API_SERVER_ENV] = api_server
+            try:
+                # address="local": a fresh instance even if `ray start` left a cluster
+                # running (plain ray.init() would join it, and then refuse num_cpus).
+                context = ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: api_server}},
+                    log_to_driver=True,
+                )
+                break
+            except Exception as err:
+                # another Ray starting on this machine took the port between our check
+                # and the dashboard's bind: try a fresh one
+                if "valid port for dashboard" not in str(err) or attempt == 2:
+                    raise
+                ray.shutdown()
     if quiet:
         _route_worker_output(log_file)
     dashboard = getattr(context, "dashboard_url", "") or ""

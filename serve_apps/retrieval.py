@@ -39,11 +39,12 @@ from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+import fastapi_offline
 import numpy as np
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -117,6 +118,12 @@ class RetrievalArgs(BaseModel):
         repr=False,
         description=f"bearer token; default: ${TOKEN_ENV}; empty: no auth",
     )
+    http_host: str = Field(
+        "127.0.0.1",
+        description="Serve's HTTP host, applied when this builder starts Serve (`serve run "
+        "serve_apps.retrieval:build_app ...`); a YAML config sets http_options instead",
+    )
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP port, as http_host")
     docs_public: bool = Field(
         True, description="/docs and /openapi.json without the token (False: token required)"
     )
@@ -544,6 +551,11 @@ GALLERY_BODY = _request_body(
     },
 )
 
+DOCS_ASSETS = {
+    name: Path(fastapi_offline.__file__).parent / "static" / name
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+}
+
 api = FastAPI(
     title="reid-platform retrieval",
     version="1",
@@ -705,7 +717,22 @@ class RetrievalIngress:
         if not self.docs_public:
             self._authorize(credentials)
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=api.title)
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json",
+            title=api.title,
+            # the page's scripts come from this service, not a CDN: /docs works offline
+            swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs/assets/favicon.png",
+        )
+
+    @api.get("/docs/assets/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str) -> FileResponse:
+        """Swagger UI's own files (public, like any CDN copy of them), from fastapi-offline."""
+        path = DOCS_ASSETS.get(name)
+        if path is None:
+            raise HTTPException(404, f"no docs asset {_shown(name)}; known: {sorted(DOCS_ASSETS)}")
+        return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
 
     @api.post(
         "/v1/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=SEARCH_BODY
@@ -1107,6 +1134,33 @@ def _ensure_onnx_export(checkpoint: str, manifest: dict[str, Any]) -> str:
         raise ValueError(f"runtime=onnx: {err}") from None
 
 
+def start_http(host: str, port: int) -> None:
+    """Start Serve with its HTTP proxy on host:port, before `serve run` would start it on
+    127.0.0.1:8000 (the import-path form has no option for it).
+
+    Raises:
+        ValueError: Serve already runs on this cluster on another host or port (its proxy
+            cannot move while it runs).
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        client = _get_global_client(_health_check_controller=True)
+    except RayServeException:
+        client = None
+    if client is not None:
+        running = client.http_config
+        if (running.host, running.port) != (host, port):
+            raise ValueError(
+                f"http_host={host} http_port={port}: Serve already runs on this Ray cluster "
+                f"with its proxy on {running.host}:{running.port}; use that port, or stop "
+                "Serve first (`serve shutdown`, or the `serve run` that started it)"
+            )
+        return
+    serve.start(http_options={"host": host, "port": port})
+
+
 def build_app(args: RetrievalArgs) -> Application:
     """The retrieval application for an index directory (a typed Serve app builder).
 
@@ -1135,6 +1189,8 @@ def build_app(args: RetrievalArgs) -> Application:
         # `serve run module:build_app` calls the builder before ray.init: start the same
         # loopback-only local Ray as the jobs (or join $RAY_ADDRESS).
         init_ray()
+    if {"http_host", "http_port"} & args.model_fields_set:
+        start_http(args.http_host, args.http_port)
     if args.runtime == "onnx":
         _ensure_onnx_export(checkpoint, manifest)
     num_shards = int(manifest["num_shards"])

@@ -273,3 +273,123 @@ def test_recipe_configs_hold_the_published_settings(name):
     flat = load_config(REPO / "configs" / name).flat()
     wrong = {k: (flat[k], v) for k, v in RECIPES[name].items() if flat[k] != v}
     assert not wrong, f"{name}: (value, published) {wrong}"
+
+
+@pytest.mark.parametrize(
+    "override,suggestion",
+    [
+        ("train.epoch=3", "did you mean 'train.epochs'?"),
+        ("model.backbon=resnet18", "did you mean 'model.backbone'?"),
+        ("data.augment.erasing=0.1", "did you mean 'data.augment.erasing_p'?"),
+        ("trian.epochs=3", "did you mean 'train'?"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_one(override, suggestion):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert suggestion in str(info.value)
+    assert "allowed here" in str(info.value)  # the full list is still there
+
+
+def test_unknown_key_without_a_close_match_suggests_nothing():
+    with pytest.raises(ConfigError, match="unknown config key 'train.zzzzzz'") as info:
+        load_config(None, ["train.zzzzzz=1"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_mapping_field_holds_dataclasses_keyed_by_dotted_names(tmp_path):
+    from reid_platform.config import Distribution
+
+    path = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "tune": {
+                "space": {
+                    "loss.margin": {"type": "uniform", "low": 0, "high": "1e-1"},
+                    "model.pooling": {"type": "choice", "values": ["avg", "gem"]},
+                    "train.lr": None,  # null: not an entry
+                }
+            }
+        },
+    )
+    space = load_config(path).tune.space
+    assert space == {
+        "loss.margin": Distribution("uniform", low=0.0, high=0.1),
+        "model.pooling": Distribution("choice", values=("avg", "gem")),
+    }
+    assert isinstance(space["loss.margin"].low, float)  # int -> float, as for any float key
+    assert space["loss.margin"].q is None  # an optional field left out
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ("3", "'tune.space'=3 must be a mapping"),
+        ("{1: {type: uniform, low: 0, high: 1}}", "tune.space: key 1 must be a string"),
+        ("{loss.margin: 0.5}", "'tune.space.loss.margin' must be a section"),
+        ("{loss.margin: {type: uniform, low: x, high: 1}}", "tune.space.loss.margin.low='x'"),
+        ("{loss.margin: {low: 0, high: 1}}", "tune.space.loss.margin.type is required"),
+        ("{model.pooling: {type: choice, values: [{a: 1}]}}", r"values\[0\].*number, string"),
+        ("{model.pooling: {type: choice, values: avg}}", "values='avg' must be a list"),
+    ],
+)
+def test_mapping_field_errors_name_the_entry(space, message):
+    with pytest.raises(ConfigError, match=message.replace("'tune.space'", "tune.space")):
+        load_config(None, [f"tune.space={space}"])
+
+
+def test_overrides_reach_into_a_mapping_field(tmp_path):
+    path = write_yaml(
+        tmp_path / "c.yaml",
+        {"tune": {"space": {"loss.margin": {"type": "uniform", "low": 0.1, "high": 0.5}}}},
+    )
+    config = load_config(
+        path,
+        [
+            "tune.space.loss.margin.high=0.9",  # one field of an entry
+            "tune.space.train.milestones={type: choice, values: [[10, 20], [30]]}",  # an entry
+        ],
+    )
+    assert config.tune.space["loss.margin"].high == 0.9
+    assert config.tune.space["loss.margin"].low == 0.1  # the rest of the entry stays
+    assert config.tune.space["train.milestones"].values == ((10, 20), (30,))  # lists -> tuples
+    # Config.replace takes the same paths
+    replaced = config.replace(**{"tune.space.loss.margin": None})
+    assert list(replaced.tune.space) == ["train.milestones"]
+    with pytest.raises(ConfigError, match="not a mapping"):
+        load_config(None, ["tune.space=3", "tune.space.loss.margin.high=1"])
+
+
+def test_mapping_field_round_trips_compactly(tmp_path):
+    config = load_config(
+        None,
+        [
+            "tune.space.train.milestones={type: choice, values: [[10, 20], [30]]}",
+            "tune.space.data.augment.pad={type: quniform, low: 0, high: 12, q: 4}",
+        ],
+    )
+    data = config.to_dict()
+    # a distribution lists only the fields it uses
+    assert data["tune"]["space"]["loss.margin"] == {"type": "uniform", "low": 0.1, "high": 1.0}
+    assert data["tune"]["space"]["train.milestones"] == {
+        "type": "choice",
+        "values": [[10, 20], [30]],
+    }
+    json.dumps(data)
+    assert Config.from_dict(data) == config
+    assert load_config(save_config(config, tmp_path / "saved.yaml")) == config
+    flat = config.flat()
+    assert flat["tune.space.data.augment.pad.q"] == 4.0
+    assert flat["tune.space.loss.margin.type"] == "uniform"
+
+
+def test_a_checkpoint_config_from_before_tune_space_still_loads():
+    """Checkpoints store their config; one written before `tune.space` holds the old sweep
+    keys, which say nothing about the model: it still loads (a config file with them does not)."""
+    saved = Config().to_dict()
+    saved["tune"] = {**saved["tune"], "margin_min": 0.1, "margin_max": 0.5, "search_lr": False}
+    del saved["tune"]["space"]
+    config = Config.from_saved(saved)
+    assert config.model == Config().model and config.tune.space == Config().tune.space
+    with pytest.raises(ConfigError, match="tune.margin_min.*replaced by tune.space"):
+        Config.from_dict(saved)

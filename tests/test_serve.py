@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -321,6 +322,15 @@ def test_stats_and_docs(clients, gallery):
         assert stats["model"]["backbone"] == "test_resnet"
     docs = clients["s3"].get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    # offline: every script and style sheet of the page comes from the service itself
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and not [a for a in assets if "://" in a], assets
+    for asset in assets:
+        response = clients["s3"].get(asset.removeprefix(str(clients["s3"].base_url.path)))
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert clients["s3"].get("/docs/assets/swagger-ui-bundle.js").text.startswith("/*")
+    missing = clients["s3"].get("/docs/assets/consts.py")  # a file of the package, not listed
+    assert missing.status_code == 404 and "no docs asset" in missing.text
     paths = clients["s3"].get("/openapi.json").json()["paths"]
     assert {"/v1/search", "/v1/embed", "/v1/gallery", "/v1/stats", "/healthz"} <= set(paths)
 
@@ -644,6 +654,14 @@ def test_docs_need_the_token_when_not_public(clients, serve_port):
             assert anonymous.get(path).status_code == 401
     assert "swagger" in clients["s1"].get("/docs").text.lower()
     assert "/v1/search" in clients["s1"].get("/openapi.json").json()["paths"]
+
+
+def test_http_port_cannot_move_a_running_serve(clients, serve_port):
+    from serve_apps.retrieval import start_http
+
+    start_http("127.0.0.1", serve_port)  # the port it runs on: nothing to do
+    with pytest.raises(ValueError, match=rf"http_port={serve_port + 1}: .*127.0.0.1:{serve_port}"):
+        start_http("127.0.0.1", serve_port + 1)
 
 
 def test_every_listening_socket_is_loopback(clients):

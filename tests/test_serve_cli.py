@@ -1,4 +1,5 @@
-"""`python -m serve_apps run CONFIG` end to end, as a user starts the service: a 4-shard index
+"""`python -m serve_apps run serve_apps.retrieval:build_app ... http_port=P` end to end, as a
+user starts the service: a 4-shard index
 on a Ray limited to 2 CPUs comes up healthy (CPU requests sized to the cluster; the old fixed
 requests needed 2.5), and every socket of that Ray and its app listens on loopback.
 
@@ -17,7 +18,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from hardening import is_loopback, listening_sockets, process_tree
 
@@ -50,19 +50,6 @@ def test_serve_run_4_shards_on_2_cpus_listens_on_loopback_only(tmp_path, tiny_ma
         index.add([f"g{i}.jpg" for i in range(40)], vectors, [{"pid": i} for i in range(40)])
         index.save()
     port = free_port()
-    app_config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "cli",
-                "route_prefix": "/",
-                "import_path": "serve_apps.retrieval:build_app",
-                "args": {"index_dir": str(tmp_path / "index")},
-            }
-        ],
-    }
-    (tmp_path / "app.yaml").write_text(yaml.safe_dump(app_config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     # A new local Ray even if a `ray start` cluster runs on this machine; 2 CPUs whatever
     # the machine has.
@@ -70,7 +57,9 @@ def test_serve_run_4_shards_on_2_cpus_listens_on_loopback_only(tmp_path, tiny_ma
     env["REID_PLATFORM_HOME"] = str(tmp_path / "home")
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_apps", "run", str(tmp_path / "app.yaml")],
+        # the import-path form, on a port of our own (`http_port`: Serve's CLI has no option)
+        [sys.executable, "-m", "serve_apps", "run", "serve_apps.retrieval:build_app",
+         f"index_dir={tmp_path / 'index'}", f"http_port={port}"],
         cwd=REPO,
         env=env,
         stdout=log,

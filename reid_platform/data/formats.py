@@ -28,7 +28,7 @@ import os
 import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -742,7 +742,13 @@ CSV_REQUIRED = ("path", "pid", "camid", "split")
 CSV_BOX = ("x", "y", "w", "h")
 
 
-def _parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | None:
+def parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | None:
+    """The x,y,w,h columns of a manifest row in pixels (None when all four are empty).
+
+    Raises:
+        DatasetError: naming `where` (file:line) for a value that is not a finite number, a
+            negative corner or an empty box.
+    """
     if all(row[c] == "" for c in CSV_BOX):
         return None
     values = []
@@ -764,10 +770,27 @@ def _parse_box(row: dict[str, str], where: str) -> tuple[int, int, int, int] | N
     return x, y, w, h
 
 
+def check_unique_ids(samples: Sequence[Sample], where: str, what: str = "ids") -> None:
+    """Refuse two samples with one `item_id` (an index or a pseudo-label file keys on it).
+
+    Raises:
+        DatasetError: naming `where`, the id and both paths.
+    """
+    seen: dict[str, str] = {}
+    for sample in samples:
+        if sample.item_id in seen:
+            raise DatasetError(
+                f"{where}: id {sample.item_id!r} is used by both {seen[sample.item_id]} and "
+                f"{sample.path}; {what} must be unique"
+            )
+        seen[sample.item_id] = sample.path
+
+
 def load_csv(
     manifest: str | Path,
     *,
     need_train: bool = True,
+    need_test: bool = True,
     allow_outside_root: bool = False,
     encoding: str = "utf-8",
 ) -> ReidDataset:
@@ -781,6 +804,11 @@ def load_csv(
     then gets 0 and gallery 1. The file is `encoding` (a UTF-8 byte-order mark is accepted);
     bytes that are not are an error naming the line, as the encoding cannot be guessed
     reliably (latin-1 decodes any bytes, wrongly).
+
+    Args:
+        manifest: the CSV file, or a folder holding exactly one.
+        need_train: the train split must have rows (not for an evaluation-only dataset).
+        need_test: query and gallery must have rows (not for an extra training source).
 
     Raises:
         DatasetError: naming the file and line of the first row that breaks a rule.
@@ -839,7 +867,7 @@ def load_csv(
                     f"{where}: path {row['path']!r} leads outside the dataset root {base_abs} "
                     f"(to {resolved}); set data.allow_outside_root: true to allow it"
                 )
-            box = _parse_box(row, where) if all(has_box) else None
+            box = parse_box(row, where) if all(has_box) else None
             if split != "gallery" and pid < 0:
                 continue  # junk in the manifest: gallery only
             meta = {c: row[c] for c in extra}
@@ -857,7 +885,8 @@ def load_csv(
     except csv.Error as err:
         raise DatasetError(f"{manifest}:{reader.line_num}: not valid CSV ({err})") from None
     for split, samples in splits.items():
-        if not samples and (split != "train" or need_train):
+        needed = need_train if split == "train" else need_test
+        if not samples and needed:
             raise DatasetError(f"{manifest}: no rows with split={split}")
     return ReidDataset(manifest.stem, base, splits["train"], splits["query"], splits["gallery"])
 

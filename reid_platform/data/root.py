@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from reid_platform.config import Config, ConfigError, DataConfig
+from reid_platform.data.extra import merge_extra_train
 from reid_platform.data.formats import ReidDataset, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,20 @@ def resolve_data_root(config: Config, progress: bool = True) -> Config:
     overrides = {"data.root": str(Path(root).expanduser().resolve())}
     if data.eval_root:
         overrides["data.eval_root"] = str(Path(data.eval_root).expanduser().resolve())
+    if data.extra_train:
+        overrides["data.extra_train"] = [
+            _existing(p, f"data.extra_train[{i}]") for i, p in enumerate(data.extra_train)
+        ]
+    if data.unlabelled:
+        overrides["data.unlabelled"] = _existing(data.unlabelled, "data.unlabelled")
     return config.replace(**overrides)
+
+
+def _existing(path: str, key: str) -> str:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise ConfigError(f"{key}={path!r}: no such file or directory")
+    return str(resolved)
 
 
 def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
@@ -105,6 +119,9 @@ def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
     With `data.eval_root` (cross-domain), train comes from `data.root` and query / gallery
     from `data.eval_root` (`data.eval_format`), whose own training split is not read.
 
+    The training samples of `data.extra_train` join the training split with ids of their own
+    (`reid_platform.data.extra.merge_extra_train`).
+
     Args:
         report: log what the readers skipped (ignored files, empty identity folders), one
             warning line per reason with a count and an example; callers that load the same
@@ -112,7 +129,7 @@ def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
 
     Raises:
         ConfigError: `data.*` keys that contradict each other.
-        DatasetError: a dataset is missing or malformed.
+        DatasetError: a dataset or an extra training source is missing or malformed.
     """
     data = config.data
     check_data_config(data)
@@ -133,6 +150,7 @@ def load_config_dataset(config: Config, report: bool = True) -> ReidDataset:
             dataset.name, dataset.root, dataset.train, target.query, target.gallery,
             notes=dataset.notes + target.notes, eval_name=target.name, eval_root=target.root,
         )
+    dataset = merge_extra_train(dataset, data.extra_train)
     if report:
         for note in dataset.notes:
             logger.warning("[data] warning: %s", note)

@@ -339,7 +339,7 @@ def read_checkpoint_input(path: str | Path, weight: float = 1.0) -> CheckpointIn
         CheckpointError: not a readable reid-platform checkpoint.
     """
     payload = read_checkpoint(path)
-    config = Config.from_dict(payload["config"])
+    config = Config.from_saved(payload["config"])
     return CheckpointInput(str(path), config, payload.get("epoch"), weight)
 
 

@@ -29,6 +29,7 @@ from reid_platform.data.formats import (
     IMAGE_SUFFIXES,
     DatasetError,
     Sample,
+    check_unique_ids,
     detect_format,
     load_dataset,
     load_folder,
@@ -94,14 +95,7 @@ def gallery_samples(path: str | Path, fmt: str = "auto") -> tuple[list[Sample], 
         samples = load_folder(path).gallery
     else:
         samples = folder_images(path)
-    seen: dict[str, str] = {}
-    for sample in samples:
-        if sample.item_id in seen:
-            raise DatasetError(
-                f"{path}: id {sample.item_id!r} is used by both {seen[sample.item_id]} and "
-                f"{sample.path}; gallery ids must be unique"
-            )
-        seen[sample.item_id] = sample.path
+    check_unique_ids(samples, str(path), "gallery ids")
     return samples, fmt
 
 
