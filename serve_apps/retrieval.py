@@ -1143,12 +1143,8 @@ def start_http(host: str, port: int) -> None:
             cannot move while it runs).
     """
     from ray.serve.context import _get_global_client
-    from ray.serve.exceptions import RayServeException
 
-    try:
-        client = _get_global_client(_health_check_controller=True)
-    except RayServeException:
-        client = None
+    client = _get_global_client(raise_if_no_controller_running=False)
     if client is not None:
         running = client.http_config
         if (running.host, running.port) != (host, port):
