@@ -11,9 +11,15 @@ baselines: the model's raw batched forward throughput (images/s, batches of
 `--max-batch-size`, no HTTP, decode or search) with the Embedder's threads and with every core
 (what a plain PyTorch script gets from the machine), and a single-image forward's latency.
 
+With `--runtimes torch,onnx` (the default) the checkpoint is also exported to ONNX (parity
+checked on the bench's images) and served with `runtime: onnx`: its batched mode and half
+load are measured after the torch modes, against ONNX Runtime's own raw batched throughput
+(Embedder threads and every core) and single-image latency, in the same run.
+
     python bench/serve_load.py                        # resnet50 at 256x128, 32 clients
     python bench/serve_load.py --endpoint embed       # embedding only, no index search
     python bench/serve_load.py --smoke-test           # tiny model, small load, seconds
+    python bench/serve_load.py --runtimes torch       # PyTorch Embedder only
 
 Prints one JSON line. Per mode ("batched", "no_shard_coalescing", "unbatched"):
   qps           successful requests/s over the measured requests
@@ -29,6 +35,9 @@ box cropped and searched in one request, against one crop's request, and their r
 raw_model_ips (images/s of model.embed, Embedder threads), raw_model_ips_all_cores,
 single_image_ms, and fractions: *_fraction_of_raw (qps / raw_model_ips) and
 batched_fraction_of_machine (qps / raw_model_ips_all_cores).
+"onnx" (with --runtimes onnx): batched, half_load, raw_model_ips, raw_model_ips_all_cores,
+single_image_ms, the fractions, export_s and parity_max_abs_diff of the ONNX runtime; and
+onnx_vs_torch_batched_qps.
 The load generator runs in this process: on a small CPU machine it competes with the service.
 """
 
@@ -82,8 +91,17 @@ def parse_args() -> argparse.Namespace:
         help="CPUs (and torch threads) of the Embedder; default: what the app's sizing gives "
         "(the cores less 0.1 per shard and 0.1 for the ingress)",
     )
+    parser.add_argument(
+        "--runtimes",
+        default="torch,onnx",
+        help="Embedder runtimes to measure, comma-separated: torch, onnx (default both)",
+    )
     parser.add_argument("--smoke-test", action="store_true", help="tiny model and load")
     args = parser.parse_args()
+    args.runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = sorted(set(args.runtimes) - {"torch", "onnx"})
+    if unknown or "torch" not in args.runtimes:
+        parser.error(f"--runtimes: torch and optionally onnx, got {args.runtimes}")
     if args.smoke_test:
         args.backbone, args.height, args.width = "test_resnet", 64, 32
         args.gallery_size, args.clients, args.requests, args.warmup = 500, 8, 48, 8
@@ -108,27 +126,52 @@ def make_checkpoint(directory: Path, args: argparse.Namespace):
     return save_checkpoint(directory / "checkpoint", model, config, epoch=0), model
 
 
+def best_images_per_s(run, batch_size: int, sync=lambda: None) -> float:
+    """`run()` embeds one batch of `batch_size`: best of 3 timed runs of >= 1 s (2 warm-up)."""
+    for _ in range(2):
+        run()
+    best = 0.0
+    for _ in range(3):
+        sync()
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < 1.0:
+            run()
+            done += batch_size
+        sync()
+        best = max(best, done / (time.perf_counter() - start))
+    return best
+
+
 def raw_images_per_s(model, args: argparse.Namespace, device: str) -> float:
     """model.embed on (max_batch_size, 3, H, W) batches: best of 3 timed runs of >= 1 s."""
     import torch
 
     model = model.to(device)
     batch = torch.randn(args.max_batch_size, 3, args.height, args.width, device=device)
-    best = 0.0
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode():
-        for _ in range(2):
-            model.embed(batch)
-        for _ in range(3):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start, done = time.perf_counter(), 0
-            while time.perf_counter() - start < 1.0:
-                model.embed(batch)
-                done += len(batch)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, done / (time.perf_counter() - start))
-    return best
+        return best_images_per_s(lambda: model.embed(batch), len(batch), sync)
+
+
+def onnx_baselines(path: Path, args: argparse.Namespace) -> tuple[float, float, float]:
+    """ONNX Runtime on the export: (images/s with the Embedder's threads, with every core,
+    median ms of one image), timed like the PyTorch baselines."""
+    from reid_platform.retrieval.export import OnnxEmbedder
+
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((args.max_batch_size, 3, args.height, args.width), np.float32)
+    ips = []
+    for threads in (max(1, round(args.embedder_cpus)), os.cpu_count() or 1):
+        session = OnnxEmbedder(path, num_threads=threads)
+        ips.append(best_images_per_s(lambda s=session: s(batch), len(batch)))
+    session = OnnxEmbedder(path, num_threads=max(1, round(args.embedder_cpus)))
+    times = []
+    for n in range(25):
+        start = time.perf_counter()
+        session(batch[:1])
+        if n >= 5:
+            times.append(time.perf_counter() - start)
+    return ips[0], ips[1], 1000.0 * float(np.median(times))
 
 
 def single_image_ms(model, args: argparse.Namespace, device: str) -> float:
@@ -363,6 +406,21 @@ def main() -> None:
             torch.cuda.empty_cache()
         index_dir = make_index(Path(tmp), checkpoint, dim, args)
         images = jpeg_images(args)
+        onnx: dict = {}
+        if "onnx" in args.runtimes:
+            from reid_platform.retrieval.export import export_onnx
+
+            parity = Path(tmp) / "parity-images"  # the random-weight checkpoint has no data
+            parity.mkdir()
+            for n, image in enumerate(images):
+                (parity / f"{n:03d}.jpg").write_bytes(image)
+            start = time.perf_counter()
+            exported = export_onnx(checkpoint, parity_data=parity)  # beside the checkpoint
+            onnx["export_s"] = round(time.perf_counter() - start, 1)
+            onnx["parity_max_abs_diff"] = exported.parity.max_abs_diff
+            ips, ips_all, one_ms = onnx_baselines(exported.path, args)
+            onnx.update(raw_model_ips=round(ips, 2), raw_model_ips_all_cores=round(ips_all, 2),
+                        single_image_ms=round(one_ms, 2))
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -372,14 +430,17 @@ def main() -> None:
         results = {}
         try:
             modes = [
-                ("batched", args.max_batch_size, 64),
-                ("no_shard_coalescing", args.max_batch_size, 1),
-                ("unbatched", 1, 1),
+                ("batched", args.max_batch_size, 64, "torch"),
+                ("no_shard_coalescing", args.max_batch_size, 1, "torch"),
+                ("unbatched", 1, 1, "torch"),
             ]
-            for mode, batch, shard_batch in modes:
+            if onnx:
+                modes.append(("onnx_batched", args.max_batch_size, 64, "onnx"))
+            for mode, batch, shard_batch, runtime in modes:
                 app = build_app(
                     RetrievalArgs(
                         index_dir=str(index_dir),
+                        runtime=runtime,
                         max_batch_size=batch,
                         batch_wait_timeout_s=args.batch_wait_ms / 1000.0 if batch > 1 else 0.0,
                         shard_max_batch_size=shard_batch,
@@ -390,15 +451,22 @@ def main() -> None:
                     )
                 )
                 serve.run(app, name=APP, route_prefix=f"/{APP}")
-                results[mode] = run_mode(base_url, images, args)
-                if mode == "batched":  # half the saturating load, open loop
-                    rate = results["batched"]["qps"] / 2
+                measured = run_mode(base_url, images, args)
+                if mode in ("batched", "onnx_batched"):  # half the saturating load, open loop
+                    rate = measured["qps"] / 2
                     half = run_mode(base_url, images, args, rate=rate)
-                    results["half_load"] = {
+                    one_ms = single_ms if runtime == "torch" else onnx["single_image_ms"]
+                    half_load = {
                         "qps_asked": round(rate, 2),
                         **{k: half[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
-                        "p99_vs_single_image": round(half["p99_ms"] / single_ms, 2),
+                        "p99_vs_single_image": round(half["p99_ms"] / one_ms, 2),
                     }
+                if runtime == "onnx":
+                    onnx.update(batched=measured, half_load=half_load)
+                    continue
+                results[mode] = measured
+                if mode == "batched":
+                    results["half_load"] = half_load
                     if args.endpoint == "search":
                         results["scene_boxes"] = scene_vs_crop(base_url, args)
         finally:
@@ -429,9 +497,25 @@ def main() -> None:
                 ),
                 "unbatched_fraction_of_raw": round(results["unbatched"]["qps"] / raw_ips, 3),
                 "batched_fraction_of_machine": round(results["batched"]["qps"] / raw_all, 3),
+                **onnx_summary(onnx, results),
             }
         )
     )
+
+
+def onnx_summary(onnx: dict, results: dict) -> dict:
+    """The "onnx" entry of the JSON line (empty without --runtimes onnx)."""
+    if not onnx:
+        return {}
+    qps = onnx["batched"]["qps"]
+    return {
+        "onnx": {
+            **onnx,
+            "batched_fraction_of_raw": round(qps / onnx["raw_model_ips"], 3),
+            "batched_fraction_of_machine": round(qps / onnx["raw_model_ips_all_cores"], 3),
+        },
+        "onnx_vs_torch_batched_qps": round(qps / results["batched"]["qps"], 3),
+    }
 
 
 if __name__ == "__main__":

@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="flip: also index each gallery image's mirror image as a second view of the item "
         "(results stay one hit per item, its best view; the service's gallery writes add both)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: embed with the checkpoint's ONNX export under ONNX Runtime (exported "
+        "beside the checkpoint first when there is none)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--smoke-test",
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress=not args.no_progress,
                 tta=args.tta,
                 augment=args.augment,
+                runtime=args.runtime,
             )
         except IndexBuildError as err:
             print(f"error: {err}", file=sys.stderr)

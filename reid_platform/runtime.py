@@ -270,3 +270,26 @@ def amp_dtype(setting: str) -> torch.dtype:
     import torch
 
     return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def process_cpus() -> int:
+    """CPUs this process should use for its compute threads (at least 1).
+
+    Inside a Ray actor or task: its CPU share, rounded down (a replica given 1.5 CPUs runs 1
+    thread: more would oversubscribe the node Ray packed it onto). Elsewhere: the CPUs the
+    process may run on (its affinity, which containers and `taskset` narrow).
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            if context.get_actor_id() is not None or context.worker.mode == ray.WORKER_MODE:
+                share = context.get_assigned_resources().get("CPU", 0.0)
+                if share > 0:
+                    return max(1, int(share))
+    except Exception:  # noqa: BLE001  (a driver without Ray, or an older Ray API)
+        pass
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)

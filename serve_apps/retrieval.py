@@ -94,7 +94,11 @@ class RetrievalArgs(BaseModel):
         description="a registered model to serve instead: models:/NAME@ALIAS, models:/NAME/N "
         "or runs:/RUN/model (an alias is resolved to its version once, when the app is built)",
     )
-    runtime: Literal["torch"] = Field("torch", description="how the Embedder runs the model")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="how the Embedder runs the model: PyTorch, or its ONNX export under ONNX "
+        "Runtime (exported beside the checkpoint at build time when there is none)",
+    )
     tta: Literal["auto", "none", "flip"] = Field(
         "auto",
         description="flip: average each embedding with its mirror image's; auto: as the index "
@@ -278,7 +282,8 @@ def _check_gpus(asked: float, available: float, what: str) -> None:
 class Embedder:
     """(H, W, 3) uint8 RGB image -> (D,) float32 L2-normalised embedding, batched across
     concurrent requests with `@serve.batch`. The model runs in a runtime of
-    `reid_platform.retrieval.embedders` ("torch"; another runtime is one entry there).
+    `reid_platform.retrieval.embedders` ("torch" or "onnx"), with `num_threads` compute threads
+    (the replica's CPUs).
 
     `max_batch_size` and `batch_wait_timeout_s` come from `user_config`: a config deploy
     (`serve deploy`) that overrides only the Embedder's `user_config` reconfigures the running
@@ -987,8 +992,20 @@ class RetrievalIngress:
             "model": {
                 **{
                     k: info[k]
-                    for k in ("checkpoint", "backbone", "dim", "device", "input_size", "runtime",
-                              "tta")
+                    for k in (
+                        "checkpoint",
+                        "backbone",
+                        "dim",
+                        "device",
+                        "input_size",
+                        "runtime",
+                        "tta",
+                        "threads",
+                        # the ONNX runtime's file and execution providers
+                        "onnx",
+                        "providers",
+                    )
+                    if k in info
                 },
                 "model_uri": self.model_uri,
             },
@@ -1324,6 +1341,23 @@ def _gallery_root(manifest: dict[str, Any]) -> str | None:
     return str(path.parent if path.suffix.lower() == ".csv" or path.is_file() else path)
 
 
+def _ensure_onnx_export(checkpoint: str, manifest: dict[str, Any]) -> str:
+    """The ONNX export beside `checkpoint`, exported now (once, in the builder, not in every
+    replica) when it is missing or stale. Its parity check runs on the checkpoint's query
+    images, or on the index's gallery when the training data is gone.
+
+    Raises:
+        ValueError: the model cannot be exported, or its export disagrees with PyTorch.
+    """
+    from reid_platform.retrieval.export import ExportError, ensure_onnx
+
+    try:
+        gallery = manifest.get("extra", {}).get("gallery") or None
+        return str(ensure_onnx(checkpoint, fallback_parity_data=gallery))
+    except ExportError as err:
+        raise ValueError(f"runtime=onnx: {err}") from None
+
+
 def start_http(host: str, port: int) -> None:
     """Start Serve with its HTTP proxy on host:port, before `serve run` would start it on
     127.0.0.1:8000 (the import-path form has no option for it).
@@ -1410,7 +1444,9 @@ def build_app(args: RetrievalArgs) -> Application:
     One `IndexShard` deployment per shard (`shard_0`, ...), each with `shard_replicas`
     replicas; one `Embedder` (a GPU each when the cluster has GPUs, unless `num_gpus` says);
     the FastAPI `RetrievalIngress` in front. CPU requests are sized to the cluster
-    (`plan_cpus`).
+    (`plan_cpus`). With `runtime: onnx` the Embedder runs the checkpoint's ONNX export under
+    ONNX Runtime with the replica's CPUs as threads; a checkpoint without a current export is
+    exported here first (`_ensure_onnx_export`).
 
     Raises:
         ResourceFitError: the cluster cannot hold the app (names asked and available).
@@ -1427,6 +1463,8 @@ def build_app(args: RetrievalArgs) -> Application:
         init_ray()
     if {"http_host", "http_port"} & args.model_fields_set:
         start_http(args.http_host, args.http_port)
+    if args.runtime == "onnx":
+        _ensure_onnx_export(checkpoint, manifest)
     num_shards = int(manifest["num_shards"])
     # Queries must be embedded as the gallery was (jobs/build_index.py --tta).
     tta = manifest.get("extra", {}).get("tta", "none") if args.tta == "auto" else args.tta

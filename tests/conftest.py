@@ -88,3 +88,28 @@ def tiny_config_overrides() -> dict:
         "train.eval_every": 1,
         "train.num_workers": 2,
     }
+
+
+def run_job(monkeypatch, capsys, script: str, args: list[str]) -> tuple[int, str, str]:
+    """`jobs/<script>` run in this process through `_cli.run_main`, as its command line would.
+
+    Returns:
+        (exit code, stdout, stderr).
+    """
+    import importlib.util
+
+    import _cli
+
+    # Loaded by path: `evaluate`, `export`, ... are also names of installable packages.
+    name = Path(script).stem
+    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        _cli.run_main(job.main)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -270,3 +270,37 @@ def test_flip_augmented_gallery_returns_each_item_once(
     with pytest.raises(SystemExit):
         run_job(*args[:4], "--out", str(tmp_path / "other"), "--augment", "flip", "--tta", "flip")
     assert "--augment flip with --tta flip" in capsys.readouterr().err
+
+
+def test_onnx_runtime_gallery_equals_onnx_embeddings_and_exports_once(
+    ray_session, tiny_market, checkpoint, tmp_path
+):
+    """--runtime onnx: the checkpoint (whose training data is not recorded) is exported first,
+    its parity checked on the gallery; the stored vectors are ONNX Runtime's, within 1e-4 of
+    PyTorch's."""
+    from reid_platform.checkpoint import load_model, save_checkpoint
+    from reid_platform.data.dataset import read_image
+    from reid_platform.retrieval import ShardedIndex, read_manifest
+    from reid_platform.retrieval.embedders import make_embedder
+    from reid_platform.retrieval.export import read_metadata
+    from reid_platform.retrieval.gallery import gallery_samples
+
+    model, config = load_model(checkpoint)
+    gone = config.replace(**{"data.format": "market1501", "data.root": str(tmp_path / "gone")})
+    checkpoint = save_checkpoint(tmp_path / "ck", model, gone, 0)
+    onnx_file = checkpoint / "model.onnx"
+    out = tmp_path / "index"
+    summary = run_job("--checkpoint", str(checkpoint), "--gallery", str(tiny_market), "--out",
+                      str(out), "--runtime", "onnx")
+    assert summary["runtime"] == "onnx" and read_manifest(out)["extra"]["runtime"] == "onnx"
+    meta = read_metadata(onnx_file)
+    samples, _ = gallery_samples(tiny_market)
+    # Parity on the gallery (the checkpoint's query set is gone), within the fp32 bound.
+    assert meta.parity_images == min(64, len(samples)) and meta.parity_max_abs_diff <= 1e-4
+    images = [read_image(s.path) for s in samples]
+    onnx = make_embedder("onnx", checkpoint, "cpu", 1).embed(images)  # (N, D)
+    with ShardedIndex.open(out) as index:
+        stored = index.shards[0].get_vectors([s.item_id for s in samples])
+    np.testing.assert_allclose(stored, onnx, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stored, make_embedder("torch", checkpoint, "cpu").embed(images),
+                               atol=1e-4, rtol=0)

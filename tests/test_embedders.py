@@ -1,5 +1,6 @@
 """Embedding runtimes: the torch runtime equals the model on the eval transform, flip TTA is
-the normalised mean with the mirror image, and an unknown runtime is named."""
+the normalised mean with the mirror image, the onnx runtime (exported on first use) equals the
+torch runtime, and an unknown runtime is named."""
 
 import numpy as np
 import pytest
@@ -51,6 +52,49 @@ def test_unknown_runtime_is_named(checkpoint):
     from reid_platform.retrieval.embedders import make_embedder
 
     with pytest.raises(
-        ValueError, match=r"runtime 'tensorrt' is not known; choose one of \['torch'\]"
+        ValueError, match=r"runtime 'tensorrt' is not known; choose one of \['onnx', 'torch'\]"
     ):
         make_embedder("tensorrt", checkpoint)
+
+
+def test_onnx_runtime_exports_on_first_use_and_equals_torch(tmp_path, tiny_market):
+    from reid_platform.checkpoint import save_checkpoint
+    from reid_platform.config import Config
+    from reid_platform.models import build_model
+    from reid_platform.retrieval.embedders import make_embedder
+    from reid_platform.retrieval.export import ExportError, read_metadata
+
+    config = Config().replace(**{
+        "model.backbone": "test_resnet", "data.height": 64, "data.width": 32,
+        "data.root": str(tiny_market), "data.format": "market1501",
+    })
+    torch.manual_seed(1)
+    ckpt = save_checkpoint(tmp_path / "ck", build_model(config.model, 5), config, 2)
+    assert not (ckpt / "model.onnx").exists()
+    onnx = make_embedder("onnx", ckpt, "cpu", num_threads=1)  # exports, parity-checked
+    assert (ckpt / "model.onnx").is_file() and read_metadata(ckpt / "model.onnx").parity_images
+    reference = make_embedder("torch", ckpt, "cpu", num_threads=1)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in ((64, 32), (100, 41), (30, 70))]  # resized like the torch runtime
+    got = onnx.embed(images)
+    assert got.dtype == np.float32 and got.shape == (3, reference.embedding_dim)
+    np.testing.assert_allclose(got, reference.embed(images), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx.embed(images, flip=True), reference.embed(images, flip=True),
+                               atol=1e-4, rtol=0)
+    assert not np.allclose(onnx.embed(images, flip=True), got, atol=1e-3)  # flip is applied
+    assert onnx.embed([]).shape == (0, reference.embedding_dim)
+    info = onnx.info()
+    assert (info["runtime"], info["threads"], info["device"]) == ("onnx", 1, "cpu")
+    assert info["providers"] == ["CPUExecutionProvider"]
+    assert info["onnx"] == str(ckpt / "model.onnx")
+    assert (info["input_size"], info["dim"]) == ([64, 32], reference.embedding_dim)
+    assert info["backbone"] == "test_resnet"
+    # A second embedder finds the current export (not re-exported); an export of other weights
+    # is refused, naming the file.
+    mtime = (ckpt / "model.onnx").stat().st_mtime_ns
+    assert make_embedder("onnx", ckpt, "cpu", 2).info()["threads"] == 2
+    assert (ckpt / "model.onnx").stat().st_mtime_ns == mtime
+    other = save_checkpoint(tmp_path / "other", build_model(config.model, 5), config, 0)
+    with pytest.raises(ExportError, match=r"model.onnx: not a current ONNX export of .*other"):
+        type(onnx)(other, "cpu", 1, onnx_path=ckpt / "model.onnx")

@@ -51,7 +51,7 @@ from reid_platform.evaluation.pictures import (
 from reid_platform.models import build_model
 from reid_platform.tracking import evaluation_metric_name
 
-from conftest import REPO
+from conftest import REPO, run_job
 
 METRICS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "score")
 
@@ -619,22 +619,7 @@ def test_cli_ensemble_report_pictures_and_mlflow(eval_setup, workspace):
 
 def run_cli(monkeypatch, capsys, args):
     """`jobs/evaluate.py` in this process; returns (exit code, stdout, stderr)."""
-    import importlib.util
-
-    import _cli
-
-    # Loaded by path: `evaluate` is also the name of a PyPI package.
-    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
-    try:
-        _cli.run_main(job.main)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_job(monkeypatch, capsys, "evaluate.py", args)
 
 
 def test_cli_logs_into_a_given_run(eval_setup, workspace, monkeypatch, capsys):

@@ -5,8 +5,9 @@
 
 A runtime is one class with `embed(images, flip=False) -> (B, D)` and `info() -> dict`, listed
 in `RUNTIMES`; `make_embedder(runtime, checkpoint, ...)` is what the Serve Embedder deployment and
-the offline jobs call. "torch" runs the checkpoint's model with PyTorch; another runtime (an
-exported model) is one more class here and one more entry in `RUNTIMES`.
+the offline jobs call. "torch" runs the checkpoint's model with PyTorch; "onnx" runs its ONNX
+export (`reid_platform.retrieval.export`) with ONNX Runtime, exporting it first when there is
+no current `model.onnx` beside the checkpoint.
 
 Flip test-time augmentation (`flip=True`): the embedding of an image is the normalised mean of
 the embeddings of the image and its horizontal mirror, computed as one batch of 2B.
@@ -58,6 +59,17 @@ def embed_tensor(model: torch.nn.Module, batch: torch.Tensor, flip: bool = False
         return model.embed(batch).float().cpu().numpy()
 
 
+def embed_onnx(embedder: Any, batch: np.ndarray, flip: bool = False) -> np.ndarray:
+    """`OnnxEmbedder` on a preprocessed batch (B, 3, H, W) float32: (B, D) float32,
+    L2-normalised; with `flip`, the normalised mean with the mirrored batch's (one run of 2B,
+    as `embed_tensor`)."""
+    if not flip:
+        return embedder(batch)
+    both = embedder(np.concatenate([batch, batch[..., ::-1]]))  # (2B, D)
+    mean = both[: len(batch)] + both[len(batch) :]
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+
+
 class ImageEmbedder(Protocol):
     """What every runtime provides."""
 
@@ -69,7 +81,30 @@ class ImageEmbedder(Protocol):
     def info(self) -> dict[str, Any]: ...
 
 
-class TorchEmbedder:
+class _BatchEmbedder:
+    """`embed` shared by the runtimes: decoded images -> `preprocess` -> `embed_batch`."""
+
+    embedding_dim: int
+
+    def preprocess(self, images: list[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def embed_batch(self, batch: Any, flip: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
+        """Embeddings of decoded images: (B, D) float32, L2-normalised.
+
+        Args:
+            images: B arrays (H_i, W_i, 3) uint8 RGB.
+            flip: average each image's embedding with its horizontal mirror's.
+        """
+        if not images:
+            return np.empty((0, self.embedding_dim), np.float32)
+        return self.embed_batch(self.preprocess(images), flip)
+
+
+class TorchEmbedder(_BatchEmbedder):
     """The checkpoint's model in PyTorch (eval mode, inference_mode), on `device`.
 
     Args:
@@ -98,16 +133,9 @@ class TorchEmbedder:
         """(H_i, W_i, 3) uint8 RGB images -> (B, 3, H, W) float32, resized and normalised."""
         return torch.stack([self.transform(image=image)["image"] for image in images])
 
-    def embed(self, images: list[np.ndarray], flip: bool = False) -> np.ndarray:
-        """Embeddings of decoded images: (B, D) float32, L2-normalised.
-
-        Args:
-            images: B arrays (H_i, W_i, 3) uint8 RGB.
-            flip: average each image's embedding with its horizontal mirror's.
-        """
-        if not images:
-            return np.empty((0, self.embedding_dim), np.float32)
-        return embed_tensor(self.model, self.preprocess(images).to(self.device), flip)
+    def embed_batch(self, batch: torch.Tensor, flip: bool = False) -> np.ndarray:
+        """(B, 3, H, W) preprocessed -> (B, D) float32, L2-normalised (`embed_tensor`)."""
+        return embed_tensor(self.model, batch.to(self.device), flip)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -123,7 +151,87 @@ class TorchEmbedder:
         }
 
 
-RUNTIMES: dict[str, type] = {"torch": TorchEmbedder}
+class OnnxRuntimeEmbedder(_BatchEmbedder):
+    """The checkpoint's ONNX export under ONNX Runtime (`export.OnnxEmbedder`).
+
+    The export is `model.onnx` beside the checkpoint; a missing or stale one (another
+    checkpoint's weights) is exported first, parity-checked against PyTorch on the
+    checkpoint's query images (`export.ensure_onnx`). Preprocessing is the torch runtime's
+    (the eval transform at the export's input size), so both give the same embeddings within
+    the export's parity bound (1e-4).
+
+    Args:
+        checkpoint: checkpoint directory or its model file.
+        device: "auto" (TensorRT / CUDA first when a GPU is visible), "cpu" (the CPU provider
+            only), "cuda", "cuda:N" (a GPU must exist; ONNX Runtime's GPU build runs it).
+        num_threads: ONNX Runtime intra-op threads (the CPUs the caller was given); None:
+            this process's CPUs (a Ray actor's CPU share).
+        onnx_path: run this export instead of the one beside the checkpoint (it must be a
+            current export of the checkpoint).
+    """
+
+    runtime = "onnx"
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "auto",
+        num_threads: int | None = None,
+        onnx_path: str | Path | None = None,
+    ):
+        from reid_platform.retrieval.export import (
+            ExportError,
+            OnnxEmbedder,
+            ensure_onnx,
+            is_current,
+        )
+
+        self.checkpoint = str(checkpoint_file(checkpoint))
+        if onnx_path is None:
+            onnx_path = ensure_onnx(self.checkpoint)
+        elif not is_current(onnx_path, self.checkpoint):
+            raise ExportError(
+                f"{onnx_path}: not a current ONNX export of {self.checkpoint} (other weights, or "
+                "not exported by reid-platform); export it with jobs/export.py"
+            )
+        self.onnx_path = str(onnx_path)
+        providers = None
+        if device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        elif device != "auto":
+            resolve_device(device)  # DeviceError when this machine has no such GPU
+        self.session = OnnxEmbedder(self.onnx_path, num_threads=num_threads, providers=providers)
+        self.input_size = self.session.input_size
+        self.embedding_dim = int(self.session.embedding_dim)
+        self.transform = build_eval_transform(*self.input_size)
+
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        """(H_i, W_i, 3) uint8 RGB images -> (B, 3, H, W) float32, resized and normalised."""
+        return np.stack([self.transform(image=image)["image"].numpy() for image in images])
+
+    def embed_batch(self, batch: np.ndarray, flip: bool = False) -> np.ndarray:
+        """(B, 3, H, W) preprocessed -> (B, D) float32, L2-normalised (`embed_onnx`)."""
+        return embed_onnx(self.session, batch, flip)
+
+    def info(self) -> dict[str, Any]:
+        meta = self.session.metadata
+        return {
+            "runtime": self.runtime,
+            "checkpoint": self.checkpoint,
+            "onnx": self.onnx_path,
+            "backbone": meta.backbone,
+            "dim": self.embedding_dim,
+            "device": "cpu" if self.session.providers[0] == "CPUExecutionProvider" else "cuda",
+            "providers": list(self.session.providers),
+            "precision": meta.precision,
+            "input_size": list(self.input_size),
+            "mean": list(meta.mean),
+            "std": list(meta.std),
+            "threads": self.session.num_threads,
+        }
+
+
+RUNTIMES: dict[str, type] = {"torch": TorchEmbedder, "onnx": OnnxRuntimeEmbedder}
 
 
 def make_embedder(

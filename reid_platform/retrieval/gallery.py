@@ -35,7 +35,13 @@ from reid_platform.data.formats import (
     load_folder,
 )
 from reid_platform.data.transforms import build_eval_transform
-from reid_platform.retrieval.embedders import AUGMENT_MODES, TTA_MODES, embed_tensor, embed_views
+from reid_platform.retrieval.embedders import (
+    AUGMENT_MODES,
+    TTA_MODES,
+    embed_onnx,
+    embed_tensor,
+    embed_views,
+)
 from reid_platform.retrieval.index import ShardedIndex, read_manifest
 from reid_platform.runtime import gpus_per_actor, resolve_device
 
@@ -166,20 +172,39 @@ class GalleryEmbedder:
     embeddings (B, D). One model per actor, on the actor's GPU when it was given one; rows
     with a decode error get a zero vector. `flip`: flip test-time augmentation
     (`embedders.embed_tensor`); `augment`: also the mirrored image's embedding, in column
-    "flipped" (`embedders.embed_views`, the same forward pass)."""
+    "flipped" (`embedders.embed_views`, the same forward pass). `runtime`: "torch", or "onnx"
+    (the checkpoint's current ONNX export under ONNX Runtime, with the actor's CPUs as
+    threads; `onnx_path` names it)."""
 
-    def __init__(self, checkpoint: str, flip: bool = False, augment: bool = False):
+    def __init__(
+        self, checkpoint: str, flip: bool = False, runtime: str = "torch", onnx_path: str = "",
+        augment: bool = False,
+    ):
+        self.flip = flip
+        self.augment = augment
+        self.runtime = runtime
+        if runtime == "onnx":
+            from reid_platform.retrieval.export import OnnxEmbedder
+
+            self.onnx = OnnxEmbedder(onnx_path)
+            self.dim = self.onnx.embedding_dim
+            return
         self.device = resolve_device("auto")
         self.model, _ = load_model(checkpoint, self.device)
         self.dim = self.model.embedding_dim
-        self.flip = flip
-        self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         vectors = np.zeros((len(ok), self.dim), dtype=np.float32)
         flipped = np.zeros_like(vectors) if self.augment else None
-        if ok.any():
+        if ok.any() and self.runtime == "onnx":
+            pixels = np.asarray(batch["image"][ok])  # (B, 3, H, W)
+            if self.augment:  # both views, one run of 2B
+                views = self.onnx(np.concatenate([pixels, pixels[..., ::-1]]))
+                vectors[ok], flipped[ok] = views[: len(pixels)], views[len(pixels):]
+            else:
+                vectors[ok] = embed_onnx(self.onnx, pixels, self.flip)
+        elif ok.any():
             images = torch.from_numpy(np.array(batch["image"][ok]))  # (B, 3, H, W), a copy
             images = images.to(self.device)
             if self.augment:
@@ -215,6 +240,8 @@ def iter_gallery_embeddings(
     progress: bool = True,
     flip: bool = False,
     augment: bool = False,
+    runtime: str = "torch",
+    onnx_path: str | Path = "",
 ) -> Iterator[EmbeddedBatch]:
     """Embed `samples` with a Ray Data actor pool, yielding batches as they finish.
 
@@ -227,6 +254,8 @@ def iter_gallery_embeddings(
         progress: show a progress bar (images embedded).
         flip: flip test-time augmentation (mean with the mirrored image's embedding).
         augment: also embed each mirrored image on its own (`EmbeddedBatch.flipped`).
+        runtime: "torch" or "onnx" (then `onnx_path`: a current export of the checkpoint,
+            `export.ensure_onnx`).
 
     Yields:
         EmbeddedBatch per block, in sample order.
@@ -261,6 +290,8 @@ def iter_gallery_embeddings(
             "checkpoint": str(checkpoint_file(checkpoint)),
             "flip": flip,
             "augment": augment,
+            "runtime": runtime,
+            "onnx_path": str(onnx_path),
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -301,6 +332,7 @@ def build_gallery_index(
     progress: bool = True,
     tta: str = "none",
     augment: str = "none",
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Embed a gallery and write (or top up) a sharded index at `out`.
 
@@ -326,6 +358,12 @@ def build_gallery_index(
     Returns:
         Summary: out, count, counts per shard, skipped, dim, index_type, format, tta,
         augment.
+        runtime: "torch", or "onnx": the checkpoint's ONNX export under ONNX Runtime,
+            exported beside the checkpoint first when there is no current one (its parity
+            check on the checkpoint's query images, or on the gallery when they are gone).
+
+    Returns:
+        Summary: out, count, counts per shard, skipped, dim, index_type, format, tta, runtime.
 
     Raises:
         DatasetError: unusable gallery. IndexBuildError: an index type the data cannot train,
@@ -343,12 +381,22 @@ def build_gallery_index(
             "--augment flip with --tta flip would index the same vector twice (a flip-averaged "
             "embedding is its mirror's too); choose one"
         )
+    if runtime not in ("torch", "onnx"):
+        raise IndexBuildError(f"--runtime {runtime!r}: choose one of ('torch', 'onnx')")
     out = Path(out).expanduser().resolve()
     ckpt = checkpoint_file(checkpoint).parent.resolve()
     model, config = load_model(ckpt)  # on the driver only for its dimension and settings
     dim = int(model.embedding_dim)
     del model
     samples, fmt = gallery_samples(gallery, fmt)
+    onnx_path = ""
+    if runtime == "onnx":  # exported once here, not in every actor
+        from reid_platform.retrieval.export import ExportError, ensure_onnx
+
+        try:
+            onnx_path = str(ensure_onnx(ckpt, fallback_parity_data=gallery))
+        except ExportError as err:
+            raise IndexBuildError(f"--runtime onnx: {err}") from None
     extra = {
         "checkpoint": str(ckpt),
         "gallery": str(Path(gallery).expanduser().resolve()),
@@ -362,6 +410,7 @@ def build_gallery_index(
         "tta": tta,
         "augment": augment,
         **model_record(ckpt),  # the registered version and run behind it (jobs/lineage.py)
+        "runtime": runtime,
     }
     index = _open_or_create(out, dim, num_shards, index_type, extra)
     by_id = {s.item_id: s for s in samples}
@@ -400,6 +449,8 @@ def build_gallery_index(
             progress,
             flip=tta == "flip",
             augment=augment == "flip",
+            runtime=runtime,
+            onnx_path=onnx_path,
         ):
             pending_ids.extend(batch.ids)
             pending.append(batch.vectors)
@@ -424,6 +475,7 @@ def build_gallery_index(
             "format": fmt,
             "tta": tta,
             "augment": augment,
+            "runtime": runtime,
         }
     finally:
         index.close()
