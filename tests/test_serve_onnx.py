@@ -111,8 +111,10 @@ def test_onnx_app_without_parity_images_is_refused_at_build(ray_session, tmp_pat
         "model.backbone": "test_resnet", "data.height": 64, "data.width": 32,
         "data.format": "market1501", "data.root": str(tmp_path / "moved-away"),
     })
-    ckpt = save_checkpoint(tmp_path / "ck", build_model(config.model, 3), config, 0)
-    with ShardedIndex.create(tmp_path / "index", 512, 1, extra={"checkpoint": str(ckpt)}) as index:
+    model = build_model(config.model, 3)
+    ckpt = save_checkpoint(tmp_path / "ck", model, config, 0)
+    dim = model.embedding_dim  # the index must fit the model (build_app checks that first)
+    with ShardedIndex.create(tmp_path / "index", dim, 1, extra={"checkpoint": str(ckpt)}) as index:
         index.save()
     with pytest.raises(ValueError, match=r"runtime=onnx: the parity check needs real images, "
                                          r"but the checkpoint's dataset .*--parity-data PATH"):
