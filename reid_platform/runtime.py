@@ -61,6 +61,8 @@ def configure_console(show_all: bool = False) -> None:
         os.environ[VERBOSE_ENV] = "1"
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    # MLflow's own "Downloading artifacts" bars (registering and loading models)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # MLflow's schema migrations
 
 

@@ -28,6 +28,9 @@ def run_job(args: list[str], env: dict[str, str], timeout: int = 600) -> str:
         timeout=timeout,
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    # The console is ours: none of Ray Train's reports, MLflow's download bars or tracebacks.
+    for noise in ("TrainingReport", "Downloading artifacts", "Traceback", "Checkpoint succ"):
+        assert noise not in proc.stdout + proc.stderr, (noise, proc.stdout[-3000:], proc.stderr)
     return proc.stdout
 
 

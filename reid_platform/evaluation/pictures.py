@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -29,6 +30,14 @@ QUERY_FRAME = (30, 30, 30)
 
 TILE_HEIGHT, TILE_WIDTH, BORDER, GAP, LABEL_HEIGHT = 128, 64, 5, 8, 22
 
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write `fig` to `path` (its folder created) and close it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 def cmc_axis_floor(curves: Mapping[str, np.ndarray], max_rank: int = 20) -> float:
     """Lower end of the CMC y-axis, in %: 5 below the lowest rank-1, on a multiple of 5.
@@ -237,11 +246,7 @@ def plot_ranked_lists(
         fontsize=9,
     )
     fig.text(0.5, 1 - 27 / (canvas.shape[0] + header), legend, ha="center", va="top", fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- embedding scatter --------------------------------------------------------------------
@@ -343,11 +348,7 @@ def plot_embedding_scatter(
     caption = scatter_caption(used, len(identities), total_ids, len(pids), total_points) + note
     ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- activation maps ----------------------------------------------------------------------
@@ -447,11 +448,7 @@ def plot_activation_maps(
         "below each query: where its backbone feature map is strongest (red) and weakest (blue)",
         ha="center", va="top", fontsize=7,
     )  # fmt: skip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- cross-modal pictures -------------------------------------------------------------------
@@ -542,11 +539,7 @@ def plot_modality_scatter(
     caption = scatter_caption(used, len(identities), total_ids, len(pids), total_points)
     fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pair_distances(
@@ -586,8 +579,4 @@ def plot_pair_distances(
         ax.set_ylabel("density", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -17,18 +17,11 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from reid_platform.data.dataset import ImageDecodeError, read_image  # noqa: E402
 from reid_platform.data.formats import Sample  # noqa: E402
+from reid_platform.evaluation.pictures import save_figure  # noqa: E402
 
 TILE = (48, 96)  # width, height of one image in the sample grid (inside its frame)
 FRAME = 3
 MAJORITY, OTHER, UNKNOWN = (0, 170, 0), (220, 0, 0), (160, 160, 160)
-
-
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def plot_cluster_sizes(sizes: np.ndarray, num_outliers: int, path: str | Path,
@@ -57,7 +50,7 @@ def plot_cluster_sizes(sizes: np.ndarray, num_outliers: int, path: str | Path,
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _tile(sample: Sample, frame: tuple[int, int, int]) -> np.ndarray:
@@ -117,7 +110,7 @@ def plot_cluster_samples(
     legend = ("green: the cluster's most common true identity, red: another"
               if true_pids is not None else "one row per cluster")
     fig.text(0.5, 0.995, f"{title or 'clusters'} ({legend})", ha="center", va="top", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_truth_comparison(scores: Mapping[str, float], num_clusters: int, num_true_ids: int,
@@ -140,7 +133,7 @@ def plot_truth_comparison(scores: Mapping[str, float], num_clusters: int, num_tr
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rounds(rows: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
@@ -168,4 +161,4 @@ def plot_rounds(rows: Sequence[Mapping[str, float]], path: str | Path, title: st
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
